@@ -18,38 +18,38 @@ EXIT_REPLAY_FAILED = 5
 
 
 class ReprokitError(Exception):
-  """Base class of every error reprokit reports to a user."""
+    """Base class of every error reprokit reports to a user."""
 
-  exit_code: int = EXIT_USAGE
+    exit_code: int = EXIT_USAGE
 
-  def __init__(self, message: str):
-    # One line, always: the CLI prints it as-is.
-    super().__init__(" ".join(str(message).split()))
+    def __init__(self, message: str):
+        # One line, always: the CLI prints it as-is.
+        super().__init__(" ".join(str(message).split()))
 
 
 class UsageError(ReprokitError):
-  """The user asked for something that cannot work (bad target, selection)."""
+    """The user asked for something that cannot work (bad target, selection)."""
 
-  exit_code = EXIT_USAGE
+    exit_code = EXIT_USAGE
 
 
 class ArchiveError(ReprokitError):
-  """The archive is malformed, truncated, tampered with or refused."""
+    """The archive is malformed, truncated, tampered with or refused."""
 
-  exit_code = EXIT_INVALID_ARCHIVE
+    exit_code = EXIT_INVALID_ARCHIVE
 
 
 class RefusedTypeError(ArchiveError):
-  """The archive names a type or callable outside the loader's allow-list."""
+    """The archive names a type or callable outside the loader's allow-list."""
 
 
 class CaptureError(ReprokitError):
-  """Packing failed: nothing could be captured, or a value cannot be saved."""
+    """Packing failed: nothing could be captured, or a value cannot be saved."""
 
-  exit_code = EXIT_PACK_FAILED
+    exit_code = EXIT_PACK_FAILED
 
 
 class ReplayError(ReprokitError):
-  """The archive is valid but this machine cannot replay it."""
+    """The archive is valid but this machine cannot replay it."""
 
-  exit_code = EXIT_REPLAY_FAILED
+    exit_code = EXIT_REPLAY_FAILED
