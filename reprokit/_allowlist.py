@@ -1,0 +1,271 @@
+"""The loader's allow-list: the only types and callables an archive may name.
+
+An archive is untrusted input, so names in it are never simply imported.
+This module decides, from lists held here and never read from the archive,
+which classes may be rebuilt and which callables may be referenced:
+
+* classes: pz.Struct subclasses, dataclasses and enums defined in penzai's
+  model-building packages, plus modules the maintainer names explicitly
+  (`--allow-module`);
+* callables: public functions of jax's numeric namespaces (`jax.nn`,
+  `jax.numpy`, `jax.lax`, ...) minus anything that touches files or calls
+  back into Python, plus functions of the maintainer's named modules.
+
+A name is resolved by importing only an allowed module, then taking one
+attribute path inside it, and the object found must declare itself to live
+exactly at that name (`__module__`/`__qualname__`): attribute walks such as
+`numpy.os.system` or `relu.__globals__` therefore fail.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import importlib
+import sys
+import types
+from collections.abc import Iterable
+
+from reprokit._errors import CaptureError, RefusedTypeError
+
+# Packages whose classes may be rebuilt (by module prefix).
+TYPE_MODULE_PREFIXES = (
+    "penzai.core.",
+    "penzai.nn.",
+    "penzai.models.",
+    "penzai.toolshed.jit_wrapper",
+    "penzai.toolshed.isolate_submodel",
+)
+
+# Namespaces whose public functions may be referenced (e.g. `Elementwise.fn`).
+CALLABLE_NAMESPACES = (
+    "jax.nn",
+    "jax.numpy",
+    "jax.lax",
+    "jax.scipy.special",
+    "jax.numpy.fft",
+    "jax.numpy.linalg",
+)
+
+# Functions in those namespaces that read or write files, or call Python
+# callbacks: never referenced from an archive, even by a trusted name.
+DENIED_CALLABLES = frozenset(
+    {
+        "jax.numpy:load",
+        "jax.numpy:save",
+        "jax.numpy:savez",
+        "jax.numpy:fromfile",
+        "jax.numpy:fromstring",
+        "jax.numpy:frombuffer",
+        "jax.numpy:fromiter",
+        "jax.numpy:fromfunction",
+        "jax.numpy:from_dlpack",
+        "jax.numpy:frompyfunc",
+        "jax.numpy:vectorize",
+        "jax.numpy:piecewise",
+        "jax.numpy:printoptions",
+        "jax.numpy:set_printoptions",
+        "jax.lax:map",
+        "jax.lax:scan",
+        "jax.lax:cond",
+        "jax.lax:switch",
+        "jax.lax:while_loop",
+        "jax.lax:fori_loop",
+        "jax.lax:custom_linear_solve",
+        "jax.lax:custom_root",
+        "jax.lax:associative_scan",
+    }
+)
+
+_CALLABLE_TYPES: tuple[type, ...] = (
+    types.FunctionType,
+    types.BuiltinFunctionType,
+)
+
+
+def _jax_callable_types() -> tuple[type, ...]:
+    import jax
+    import numpy as np
+
+    return _CALLABLE_TYPES + (
+        type(jax.nn.relu),  # custom_jvp
+        type(jax.nn.silu),  # jitted function
+        np.ufunc,
+    ) + tuple({type(jax.numpy.sin), type(jax.custom_vjp(lambda x: x))})
+
+
+def is_public_module(name: str) -> bool:
+    return all(part.isidentifier() and not part.startswith("_") for part in name.split("."))
+
+
+@dataclasses.dataclass(frozen=True)
+class AllowList:
+    """Which names this loader will rebuild; `extra_modules` come from the maintainer."""
+
+    extra_modules: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        for module in self.extra_modules:
+            if not module or not all(part.isidentifier() for part in module.split(".")):
+                raise RefusedTypeError(f"--allow-module {module!r} is not a module name")
+
+    def _in_extra(self, module: str) -> bool:
+        return any(module == m or module.startswith(m + ".") for m in self.extra_modules)
+
+    def type_module_allowed(self, module: str) -> bool:
+        return self._in_extra(module) or (
+            is_public_module(module)
+            and any(module.startswith(p) or module == p.rstrip(".") for p in TYPE_MODULE_PREFIXES)
+        )
+
+    def resolve_type(self, name: str) -> type:
+        """The class called `module:qualname`, if this loader allows rebuilding it."""
+        module, qualname = _split(name)
+        if not self.type_module_allowed(module):
+            raise RefusedTypeError(_refusal(name, "type", module))
+        obj = _lookup(module, qualname, name)
+        if not isinstance(obj, type):
+            raise RefusedTypeError(f"archive names {name!r} as a type, but it is not a class")
+        if not (dataclasses.is_dataclass(obj) or issubclass(obj, enum.Enum)):
+            raise RefusedTypeError(f"archive names {name!r}, which is not a dataclass or enum")
+        return obj
+
+    def resolve_callable(self, name: str):
+        """The function called `module:qualname`, if this loader allows referencing it."""
+        module, qualname = _split(name)
+        if name in DENIED_CALLABLES:
+            raise RefusedTypeError(f"archive references {name!r}, which reprokit never calls")
+        if module in CALLABLE_NAMESPACES:
+            if "." in qualname or qualname.startswith("_"):
+                raise RefusedTypeError(f"archive references {name!r}, which is not a public function")
+            obj = getattr(_import(module, name), qualname, None)
+            if obj is None or not isinstance(obj, _jax_callable_types()):
+                raise RefusedTypeError(f"archive references {name!r}, which is not a known function")
+            return obj
+        if self._in_extra(module):
+            obj = _lookup(module, qualname, name)
+            if not isinstance(obj, _jax_callable_types()):
+                raise RefusedTypeError(f"archive references {name!r}, which is not a function")
+            return obj
+        raise RefusedTypeError(_refusal(name, "function", module))
+
+
+def _split(name: str) -> tuple[str, str]:
+    if not isinstance(name, str) or name.count(":") != 1 or len(name) > 500:
+        raise RefusedTypeError(f"archive holds a malformed name {str(name)[:80]!r}")
+    module, qualname = name.split(":")
+    parts = qualname.split(".")
+    if not all(p.isidentifier() and not p.startswith("__") for p in parts) or not all(
+        p.isidentifier() for p in module.split(".")
+    ):
+        raise RefusedTypeError(f"archive holds a malformed or private name {name!r}")
+    return module, qualname
+
+
+def _refusal(name: str, what: str, module: str) -> str:
+    root = module.split(".")[0]
+    if root in ("penzai", "jax", "numpy", "ml_dtypes"):
+        return f"archive names the {what} {name!r}, which is not on reprokit's allow-list"
+    return (
+        f"archive needs the {what} {name!r} from module {module!r}, which is not allowed; "
+        f"inspect the archive, and if you trust that module, rerun with --allow-module {module}"
+    )
+
+
+def _import(module: str, name: str):
+    try:
+        return importlib.import_module(module)
+    except ImportError as error:
+        raise RefusedTypeError(f"cannot import module {module!r} needed for {name!r}: {error}") from None
+
+
+def _lookup(module: str, qualname: str, name: str):
+    obj = _import(module, name)
+    for part in qualname.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            raise RefusedTypeError(f"module {module!r} has no {qualname!r}")
+    if getattr(obj, "__module__", None) != module or getattr(obj, "__qualname__", None) != qualname:
+        raise RefusedTypeError(f"{name!r} is an alias of another object; refused")
+    return obj
+
+
+# ---------------------------------------------------------------- naming (pack side)
+
+_callable_names: dict[int, str] | None = None
+
+
+def _callable_name_table() -> dict[int, str]:
+    global _callable_names
+    if _callable_names is None:
+        table: dict[int, str] = {}
+        kinds = _jax_callable_types()
+        for namespace in CALLABLE_NAMESPACES:
+            module = importlib.import_module(namespace)
+            for attr, value in vars(module).items():
+                name = f"{namespace}:{attr}"
+                if attr.startswith("_") or name in DENIED_CALLABLES or not isinstance(value, kinds):
+                    continue
+                table.setdefault(id(value), name)
+        _callable_names = table
+    return _callable_names
+
+
+def name_of_type(cls: type, where: str) -> str:
+    """The `module:qualname` under which a class can be rebuilt, or a CaptureError saying why not."""
+    module, qualname = cls.__module__, cls.__qualname__
+    _refuse_local(module, qualname, f"class {qualname}", where)
+    return f"{module}:{qualname}"
+
+
+def name_of_callable(fn, where: str, extra_modules: Iterable[str] = ()) -> str:
+    """The name under which a callable can be referenced, or a CaptureError saying why not."""
+    known = _callable_name_table().get(id(fn))
+    if known is not None:
+        return known
+    module = getattr(fn, "__module__", None) or "?"
+    qualname = getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or repr(fn)
+    _refuse_local(module, qualname, f"function {qualname}", where)
+    if not isinstance(fn, _jax_callable_types()):
+        raise CaptureError(
+            f"{where} holds {fn!r}, which reprokit cannot save; use a plain function defined at "
+            "module level (or functools.partial of one)"
+        )
+    owner = sys.modules.get(module)
+    if owner is None or _get_path(owner, qualname) is not fn:
+        raise CaptureError(
+            f"{where} holds {module}.{qualname}, which cannot be found again by that name; "
+            "define it at module level under its own name"
+        )
+    return f"{module}:{qualname}"
+
+
+def _get_path(obj, qualname: str):
+    for part in qualname.split("."):
+        obj = getattr(obj, part, None)
+    return obj
+
+
+def _refuse_local(module: str, qualname: str, what: str, where: str) -> None:
+    if "<lambda>" in qualname:
+        raise CaptureError(
+            f"{where} holds a lambda, which cannot be rebuilt safely; replace it with a function "
+            "defined at module level in an importable module"
+        )
+    if "<locals>" in qualname:
+        raise CaptureError(
+            f"{where} holds {what}, defined inside another function (a closure); define it at "
+            "module level in an importable module"
+        )
+    if module == "__main__" or module.startswith("__reprokit_target"):
+        raise CaptureError(
+            f"{where} holds {what}, defined in the script being run (__main__), which a "
+            "maintainer cannot import; move it into an importable module and pass "
+            "--allow-module MODULE when replaying"
+        )
+
+
+def default_modules(name: str) -> bool:
+    """Whether a `module:qualname` lives in a package the loader trusts without being told."""
+    module = name.split(":")[0]
+    return AllowList().type_module_allowed(module) or module in CALLABLE_NAMESPACES

@@ -1,0 +1,373 @@
+"""Encoding of pytree structure as plain msgpack data, and its safe decoding.
+
+A captured record (submodel, inputs, outputs, variable values) is a tree of
+penzai Structs, dataclasses, containers, static metadata and array leaves.
+It is written as a tree of msgpack values in which every non-plain node is a
+small map tagged by `"$t"` (tuple, dict, object, enum, function, ...), and
+every array is replaced by an index into a separate table of array
+descriptors whose bytes live in their own archive members.
+
+Decoding is the security boundary: it rebuilds classes and references
+callables only through `reprokit._allowlist.AllowList`, never runs a
+constructor's `__init__`, and bounds depth, string lengths and node counts.
+Nothing in the archive can choose which code runs.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import enum
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import ml_dtypes
+import msgpack
+import numpy as np
+
+from reprokit import _allowlist
+from reprokit._errors import ArchiveError, CaptureError, RefusedTypeError
+
+MAX_DEPTH = 200
+MAX_STRING = 1 << 20
+MAX_NODES = 5_000_000
+
+TAG = "$t"
+
+
+# ------------------------------------------------------------------ encoding
+
+
+class _Encoder:
+    def __init__(self, on_array: Callable[[Any, str], int], extra_modules: tuple[str, ...]):
+        self._on_array = on_array
+        self._extra_modules = extra_modules
+        self._jax = __import__("jax")
+
+    def encode(self, value: Any, where: str, depth: int = 0) -> Any:
+        if depth > MAX_DEPTH:
+            raise CaptureError(f"{where} is nested more than {MAX_DEPTH} levels deep")
+        if value is None or isinstance(value, (bool, str, bytes)):
+            return value
+        if isinstance(value, int) and type(value) is int:
+            return value if -(2**63) <= value < 2**64 else {TAG: "int", "v": str(value)}
+        if type(value) is float:
+            return value
+        if isinstance(value, (self._jax.Array, np.ndarray)):
+            if isinstance(value, self._jax.core.Tracer):
+                raise CaptureError(_TRACER_MESSAGE.format(where=where))
+            return {TAG: "array", "i": self._on_array(value, where)}
+        if isinstance(value, np.generic):
+            desc_dtype = value.dtype
+            _arrays_check(desc_dtype, where)
+            return {TAG: "scalar", "dtype": desc_dtype.name, "v": value.tobytes()}
+        if isinstance(value, self._jax.core.Tracer):
+            raise CaptureError(_TRACER_MESSAGE.format(where=where))
+        if type(value) is list:
+            return [self.encode(v, f"{where}[{i}]", depth + 1) for i, v in enumerate(value)]
+        if type(value) is tuple:
+            return {TAG: "tuple", "v": [self.encode(v, f"{where}[{i}]", depth + 1) for i, v in enumerate(value)]}
+        if type(value) in (dict, collections.OrderedDict):
+            items = [
+                [self.encode(k, f"{where} key", depth + 1), self.encode(v, f"{where}[{k!r}]", depth + 1)]
+                for k, v in value.items()
+            ]
+            return {TAG: "dict" if type(value) is dict else "odict", "v": items}
+        if isinstance(value, enum.Enum):
+            return {TAG: "enum", "type": _allowlist.name_of_type(type(value), where), "name": value.name}
+        if isinstance(value, type):
+            return self._encode_type(value, where)
+        if isinstance(value, np.dtype):
+            _arrays_check(value, where)
+            return {TAG: "dtype", "name": value.name}
+        if dataclasses.is_dataclass(value):
+            fields = [
+                [f.name, self.encode(getattr(value, f.name), f"{where}.{f.name}", depth + 1)]
+                for f in dataclasses.fields(value)
+            ]
+            return {TAG: "obj", "type": _allowlist.name_of_type(type(value), where), "f": fields}
+        if isinstance(value, functools.partial):
+            return {
+                TAG: "partial",
+                "fn": self.encode(value.func, f"{where}.func", depth + 1),
+                "args": [self.encode(a, f"{where}.args", depth + 1) for a in value.args],
+                "kw": [[k, self.encode(v, f"{where}.{k}", depth + 1)] for k, v in value.keywords.items()],
+            }
+        if type(value) is slice:
+            return {TAG: "slice", "v": [self.encode(v, where, depth + 1) for v in (value.start, value.stop, value.step)]}
+        if type(value) is complex:
+            return {TAG: "complex", "v": [value.real, value.imag]}
+        if callable(value):
+            return {TAG: "fn", "name": _allowlist.name_of_callable(value, where, self._extra_modules)}
+        raise CaptureError(
+            f"{where} holds a {type(value).__module__}.{type(value).__qualname__}, which reprokit "
+            "cannot save; use arrays, numbers, strings, containers, penzai Structs or dataclasses"
+        )
+
+    def _encode_type(self, cls: type, where: str) -> dict:
+        jnp = self._jax.numpy
+        if isinstance(cls, type(jnp.float32)) and getattr(jnp, cls.__name__, None) is cls:
+            return {TAG: "jnp_type", "name": cls.__name__}
+        if issubclass(cls, np.generic):
+            if getattr(np, cls.__name__, None) is cls:
+                return {TAG: "np_type", "name": cls.__name__}
+            if getattr(ml_dtypes, cls.__name__, None) is cls:
+                return {TAG: "np_type", "name": cls.__name__}
+        if cls in _BUILTIN_TYPES.values():
+            return {TAG: "builtin_type", "name": cls.__name__}
+        return {TAG: "type", "name": _allowlist.name_of_type(cls, where)}
+
+
+def _arrays_check(dtype: np.dtype, where: str) -> None:
+    if dtype.kind not in "biufc" and dtype.name not in _allowlist_dtype_names():
+        raise CaptureError(f"{where} has dtype {dtype}, which reprokit cannot save")
+
+
+@functools.cache
+def _allowlist_dtype_names() -> frozenset[str]:
+    return frozenset(
+        name
+        for name in dir(ml_dtypes)
+        if isinstance(getattr(ml_dtypes, name), type) and issubclass(getattr(ml_dtypes, name), np.generic)
+    )
+
+
+_TRACER_MESSAGE = (
+    "{where} is a traced value: reprokit.pack was called inside jax.jit/vmap/grad (or the "
+    "capture saw tracers). Call pack outside any transformation, with concrete arrays, and pass "
+    "mode='jit' to record the layer's behaviour under jit"
+)
+
+_BUILTIN_TYPES = {t.__name__: t for t in (int, float, bool, str, complex, bytes, type(None))}
+
+
+def encode_tree(
+    value: Any,
+    on_array: Callable[[Any, str], int],
+    *,
+    where: str = "record",
+    extra_modules: tuple[str, ...] = (),
+) -> Any:
+    """Encodes `value` into msgpack-ready data; `on_array(array, where)` returns each array's index."""
+    return _Encoder(on_array, extra_modules).encode(value, where)
+
+
+def pack_bytes(node: Any) -> bytes:
+    """Serialises encoded data with msgpack (bin type for bytes, no extension types)."""
+    return msgpack.packb(node, use_bin_type=True, strict_types=False)
+
+
+# ------------------------------------------------------------------ decoding
+
+
+def unpack_bytes(data: bytes) -> Any:
+    """Parses msgpack with every size bounded; refuses extension types and non-string map keys."""
+    try:
+        return msgpack.unpackb(
+            data,
+            raw=False,
+            strict_map_key=True,
+            use_list=True,
+            max_str_len=MAX_STRING,
+            max_bin_len=MAX_STRING,
+            max_array_len=MAX_NODES,
+            max_map_len=MAX_NODES,
+            max_ext_len=0,
+        )
+    except RecursionError:
+        raise ArchiveError("structure is nested too deeply") from None
+    except Exception as error:  # msgpack raises many types for bad input
+        raise ArchiveError(f"structure is not valid msgpack ({type(error).__name__})") from None
+
+
+class Decoder:
+    """Rebuilds encoded data under an allow-list; `array(i)` supplies array leaves."""
+
+    def __init__(self, allow: _allowlist.AllowList, array: Callable[[int], Any]):
+        self._allow = allow
+        self._array = array
+        self._nodes = 0
+
+    def decode(self, node: Any, depth: int = 0) -> Any:
+        self._nodes += 1
+        if depth > MAX_DEPTH:
+            raise ArchiveError(f"structure is nested more than {MAX_DEPTH} levels deep")
+        if self._nodes > MAX_NODES:
+            raise ArchiveError("structure has too many nodes")
+        if node is None or isinstance(node, (bool, int, float, str, bytes)):
+            return node
+        if isinstance(node, list):
+            return [self.decode(v, depth + 1) for v in node]
+        if not isinstance(node, dict):
+            raise ArchiveError(f"structure holds an unexpected {type(node).__name__}")
+        tag = node.get(TAG)
+        handler = _HANDLERS.get(tag) if isinstance(tag, str) else None
+        if handler is None:
+            raise ArchiveError(f"structure holds an unknown node kind {str(tag)[:40]!r}")
+        try:
+            return handler(self, node, depth + 1)
+        except (ArchiveError, RecursionError):
+            raise
+        except (KeyError, TypeError, ValueError, AttributeError) as error:
+            raise ArchiveError(f"structure has a malformed {tag!r} node ({error})") from None
+
+    def _list(self, node: dict, key: str, depth: int) -> list:
+        items = node[key]
+        if not isinstance(items, list):
+            raise ArchiveError(f"structure has a malformed {node[TAG]!r} node")
+        return [self.decode(v, depth) for v in items]
+
+    def _pairs(self, node: dict, depth: int) -> list[tuple[Any, Any]]:
+        pairs = []
+        for item in node["v"]:
+            if not isinstance(item, list) or len(item) != 2:
+                raise ArchiveError("structure has a malformed dict entry")
+            key = self.decode(item[0], depth)
+            if not isinstance(key, (str, int, float, bool, tuple, type(None))):
+                raise ArchiveError("structure has a dict key that is not a plain value")
+            pairs.append((key, self.decode(item[1], depth)))
+        return pairs
+
+    def _obj(self, node: dict, depth: int) -> Any:
+        cls = self._allow.resolve_type(node["type"])
+        if not dataclasses.is_dataclass(cls):
+            raise RefusedTypeError(f"{node['type']!r} is not a dataclass")
+        expected = [f.name for f in dataclasses.fields(cls)]
+        given = node["f"]
+        if not isinstance(given, list) or [f[0] if isinstance(f, list) else None for f in given] != expected:
+            raise ArchiveError(f"fields of {node['type']!r} in the archive do not match the class")
+        values = {name: self.decode(value, depth) for name, value in given}
+        from_attributes = getattr(cls, "from_attributes", None)
+        if from_attributes is not None and _is_penzai_struct(cls):
+            return from_attributes(**values)
+        # Never run __init__/__post_init__: build the instance field by field.
+        instance = object.__new__(cls)
+        for name, value in values.items():
+            object.__setattr__(instance, name, value)
+        return instance
+
+    def _enum(self, node: dict, depth: int) -> Any:
+        cls = self._allow.resolve_type(node["type"])
+        if not issubclass(cls, enum.Enum) or node["name"] not in cls.__members__:
+            raise ArchiveError(f"archive names an unknown enum member of {node['type']!r}")
+        return cls[node["name"]]
+
+    def _scalar(self, node: dict, depth: int) -> Any:
+        from reprokit._arrays import dtype_from_name
+
+        dtype = dtype_from_name(node["dtype"])
+        raw = node["v"]
+        if not isinstance(raw, bytes) or len(raw) != dtype.itemsize:
+            raise ArchiveError("structure holds a malformed numpy scalar")
+        return np.frombuffer(raw, dtype=dtype)[0]
+
+
+def _is_penzai_struct(cls: type) -> bool:
+    from penzai.core.struct import Struct
+
+    return issubclass(cls, Struct)
+
+
+def _jnp_type(decoder: Decoder, node: dict, depth: int) -> Any:
+    import jax.numpy as jnp
+
+    name = node["name"]
+    value = getattr(jnp, name, None) if isinstance(name, str) and name.isidentifier() else None
+    if value is None or not isinstance(value, type(jnp.float32)):
+        raise ArchiveError(f"archive names an unknown jax.numpy type {str(name)[:40]!r}")
+    return value
+
+
+def _np_type(decoder: Decoder, node: dict, depth: int) -> Any:
+    name = node["name"]
+    if not isinstance(name, str) or not name.isidentifier() or name.startswith("_"):
+        raise ArchiveError("archive names a malformed numpy type")
+    for module in (np, ml_dtypes):
+        value = getattr(module, name, None)
+        if isinstance(value, type) and issubclass(value, np.generic):
+            if value.__name__ == name:
+                return value
+    raise ArchiveError(f"archive names an unknown numpy type {name[:40]!r}")
+
+
+def _dtype(decoder: Decoder, node: dict, depth: int) -> Any:
+    from reprokit._arrays import dtype_from_name
+
+    return dtype_from_name(node["name"])
+
+
+def _big_int(decoder: Decoder, node: dict, depth: int) -> int:
+    text = node["v"]
+    if not isinstance(text, str) or len(text) > 4000 or not text.lstrip("-").isdigit():
+        raise ArchiveError("structure holds a malformed integer")
+    return int(text)
+
+
+def _slice(decoder: Decoder, node: dict, depth: int) -> slice:
+    parts = decoder._list(node, "v", depth)
+    if len(parts) != 3 or not all(p is None or isinstance(p, int) for p in parts):
+        raise ArchiveError("structure holds a malformed slice")
+    return slice(*parts)
+
+
+def _complex(decoder: Decoder, node: dict, depth: int) -> complex:
+    real, imag = node["v"]
+    if not isinstance(real, float) or not isinstance(imag, float):
+        raise ArchiveError("structure holds a malformed complex number")
+    return complex(real, imag)
+
+
+def _partial(decoder: Decoder, node: dict, depth: int) -> functools.partial:
+    fn = decoder.decode(node["fn"], depth)
+    if not callable(fn) or isinstance(fn, type):
+        raise ArchiveError("structure holds a partial of something that is not a function")
+    keywords = {}
+    for item in node["kw"]:
+        if not isinstance(item, list) or len(item) != 2 or not isinstance(item[0], str):
+            raise ArchiveError("structure holds a malformed partial")
+        keywords[item[0]] = decoder.decode(item[1], depth)
+    return functools.partial(fn, *decoder._list(node, "args", depth), **keywords)
+
+
+def _array(decoder: Decoder, node: dict, depth: int) -> Any:
+    index = node["i"]
+    if not isinstance(index, int) or isinstance(index, bool):
+        raise ArchiveError("structure holds a malformed array reference")
+    return decoder._array(index)
+
+
+def _builtin_type(decoder: Decoder, node: dict, depth: int) -> type:
+    cls = _BUILTIN_TYPES.get(node["name"])
+    if cls is None:
+        raise ArchiveError(f"archive names an unknown builtin type {str(node['name'])[:40]!r}")
+    return cls
+
+
+_HANDLERS: dict[str, Callable[[Decoder, dict, int], Any]] = {
+    "tuple": lambda d, n, depth: tuple(d._list(n, "v", depth)),
+    "dict": lambda d, n, depth: dict(d._pairs(n, depth)),
+    "odict": lambda d, n, depth: collections.OrderedDict(d._pairs(n, depth)),
+    "int": _big_int,
+    "array": _array,
+    "scalar": lambda d, n, depth: d._scalar(n, depth),
+    "obj": lambda d, n, depth: d._obj(n, depth),
+    "enum": lambda d, n, depth: d._enum(n, depth),
+    "fn": lambda d, n, depth: d._allow.resolve_callable(n["name"]),
+    "partial": _partial,
+    "type": lambda d, n, depth: d._allow.resolve_type(n["name"]),
+    "jnp_type": _jnp_type,
+    "np_type": _np_type,
+    "dtype": _dtype,
+    "builtin_type": _builtin_type,
+    "slice": _slice,
+    "complex": _complex,
+}
+
+
+def decode_tree(node: Any, allow: _allowlist.AllowList, array: Callable[[int], Any]) -> Any:
+    """Rebuilds a tree encoded by `encode_tree`, resolving names only through `allow`."""
+    try:
+        return Decoder(allow, array).decode(node)
+    except RecursionError:
+        raise ArchiveError("structure is nested too deeply") from None

@@ -1,0 +1,203 @@
+"""`reprokit.pack`: capture a failing layer and write it as one `.repro.zip`.
+
+This is the pipeline's front half, capture -> encode -> archive: run the
+model once with a capturer on the selected layer, pick the call to keep,
+decide the recorded issue (the signature), encode the record, and stream it
+with the environment, a generated `replay.py` and a README into one archive
+written atomically.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import os
+from typing import Any
+
+from reprokit import _allowlist, _encoding, _format
+from reprokit._archive import ArchiveWriter
+from reprokit._arrays import describe
+from reprokit._capture import CallRecord, capture_calls, choose_call
+from reprokit._environment import capture_environment, scrub_text
+from reprokit._errors import CaptureError, UsageError
+from reprokit._verdict import SIGNATURE_KINDS, detect_signature
+
+
+@dataclasses.dataclass(frozen=True)
+class PackResult:
+    """What `pack` wrote: where, which call, and the recorded issue."""
+
+    path: str
+    signature: dict
+    keypath: str
+    layer_type: str
+    call_index: int
+    call_count: int
+    mode: str
+    array_count: int
+    array_bytes: int
+    size: int
+
+    def summary(self) -> str:
+        """A few lines for the terminal: what was packed and how to replay it."""
+        sig = _format.describe_signature(self.signature)
+        name = os.path.basename(self.path)
+        return "\n".join(
+            [
+                f"packed {self.layer_type} at {self.keypath} (call {self.call_index + 1} of "
+                f"{self.call_count}, {self.mode}) into {self.path} ({_format.human_bytes(self.size)})",
+                f"  recorded issue: {sig}",
+                f"  arrays: {self.array_count} ({_format.human_bytes(self.array_bytes)})",
+                f"  replay: reprokit run {name}",
+                f"     or: unzip {name} -d repro && python repro/replay.py",
+                "  note: attachments on public repositories can be downloaded by anyone.",
+            ]
+        )
+
+
+def pack(
+    selection: Any,
+    argument: Any,
+    *,
+    side_inputs: dict | None = None,
+    out: str | os.PathLike = "layer.repro.zip",
+    note: str = "",
+    call: int | None = None,
+    signature: str | None = None,
+    mode: str | None = None,
+    allow_modules: tuple[str, ...] | list[str] = (),
+) -> PackResult:
+    """Captures the layer picked by `selection` while its model runs on `argument`, and packs it.
+
+    Args:
+      selection: a `pz.Selection` of exactly one `pz.nn.Layer` inside a model
+        (e.g. `pz.select(model).at_instances_of(pz.nn.Attention).pick_nth_selected(2)`).
+      argument: the model's positional argument.
+      side_inputs: the model's side inputs (keyword arguments).
+      out: archive path; by convention `NAME.repro.zip`.
+      note: free text for the maintainer (what you saw, when).
+      call: which call of the layer to pack (0-based); default: the first
+        call that raises or returns NaN/Inf, else the first call.
+      signature: the recorded issue: "exception", "nonfinite" or "output";
+        default: detected from the call's outcome.
+      mode: "eager" or "jit": how the layer is run for the record and on
+        replay; default "jit" when the layer sits inside penzai's `Jitted`,
+        else "eager".
+      allow_modules: your own modules that hold classes or functions in the
+        model; the maintainer must allow them too (`--allow-module`).
+
+    Returns:
+      A `PackResult` describing the archive.
+    """
+    if signature is not None and signature not in SIGNATURE_KINDS:
+        raise UsageError(f"signature must be one of {', '.join(SIGNATURE_KINDS)}, not {signature!r}")
+    out = os.fspath(out)
+    if not out.endswith(".zip"):
+        raise UsageError(f"output {out!r} should end in .repro.zip (GitHub accepts .zip attachments)")
+    capture = capture_calls(selection, argument, dict(side_inputs or {}), mode)
+    record = choose_call(capture, call)
+    try:
+        sig = detect_signature(record.outcome, signature)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    if sig["kind"] == "exception":
+        sig["message"] = scrub_text(sig["message"])
+    allow = tuple(allow_modules)
+    arrays: list[Any] = []
+    tree = _encode_record(record, arrays, allow)
+    manifest = {
+        "format": _format.FORMAT_NAME,
+        "format_version": _format.FORMAT_VERSION,
+        "reprokit_version": _format.reprokit_version(),
+        "created": datetime.datetime.now(datetime.UTC).replace(microsecond=0).isoformat(),
+        "note": scrub_text(note or ""),
+        "layer": {"keypath": capture.keypath, "type": capture.layer_type},
+        "call": {"index": record.index, "count": len(capture.calls)},
+        "mode": capture.mode,
+        "signature": sig,
+        "exception_traceback": [scrub_text(line) for line in (record.exception or {}).get("traceback", [])],
+        "modules": sorted(_needed_modules(tree["record"])),
+        "arrays": {"count": len(arrays), "bytes": sum(d["nbytes"] for d in tree["arrays"])},
+        "environment": capture_environment(),
+    }
+    _write(out, manifest, tree, arrays)
+    return PackResult(
+        path=out,
+        signature=sig,
+        keypath=capture.keypath,
+        layer_type=capture.layer_type,
+        call_index=record.index,
+        call_count=len(capture.calls),
+        mode=capture.mode,
+        array_count=len(arrays),
+        array_bytes=manifest["arrays"]["bytes"],
+        size=os.path.getsize(out),
+    )
+
+
+def _encode_record(record: CallRecord, arrays: list, allow: tuple[str, ...]) -> dict:
+    seen: dict[int, int] = {}
+    descriptors: list[dict] = []
+
+    def on_array(value: Any, where: str) -> int:
+        index = seen.get(id(value))
+        if index is None:
+            desc, data = describe(value)
+            index = seen[id(value)] = len(arrays)
+            arrays.append(data)
+            descriptors.append(desc)
+        return index
+
+    parts = {
+        "submodel": record.submodel,
+        "argument": record.argument,
+        "side_inputs": record.side_inputs,
+        "initial_var_values": record.initial_var_values,
+    }
+    if record.exception is None:
+        parts["output"] = record.output
+        parts["final_var_values"] = record.final_var_values
+    encoded = {
+        name: _encoding.encode_tree(value, on_array, where=name, extra_modules=allow)
+        for name, value in parts.items()
+    }
+    # Refuse at pack time what the loader would refuse at replay time.
+    try:
+        _encoding.decode_tree(
+            {"$t": "tuple", "v": list(encoded.values())},
+            _allowlist.AllowList(allow),
+            lambda i: None,
+        )
+    except Exception as error:
+        raise CaptureError(f"the record would not load again: {error}") from None
+    return {"record": encoded, "arrays": descriptors}
+
+
+def _needed_modules(node: Any) -> set[str]:
+    found: set[str] = set()
+    stack = [node]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, list):
+            stack.extend(item)
+        elif isinstance(item, dict):
+            name = item.get("type") or (item.get("name") if item.get("$t") == "fn" else None)
+            if isinstance(name, str) and ":" in name and not _allowlist.default_modules(name):
+                found.add(name.split(":")[0])
+            stack.extend(v for k, v in item.items() if k != "$t")
+    return found
+
+
+def _write(out: str, manifest: dict, tree: dict, arrays: list) -> None:
+    from reprokit import _script
+
+    structure = _encoding.pack_bytes(tree)
+    with ArchiveWriter(out) as writer:
+        writer.add_bytes(_format.MANIFEST, json.dumps(manifest, indent=1, sort_keys=True).encode())
+        writer.add_bytes(_format.STRUCTURE, structure)
+        for index, data in enumerate(arrays):
+            writer.add_buffer(_format.array_member(index), data)
+        writer.add_bytes(_format.REPLAY_SCRIPT, _script.render_replay_script(manifest, tree).encode(), compress=True)
+        writer.add_bytes(_format.README, _script.render_readme(manifest).encode(), compress=True)
+        writer.add_bytes(_format.REQUIREMENTS, _script.render_requirements(manifest).encode())

@@ -1,0 +1,207 @@
+"""Generation of the archive's human-facing members: replay.py, README.md, requirements.txt.
+
+`replay.py` lets a maintainer replay an archive with no reprokit installed,
+and read or edit the layer as ordinary Python. It is rendered from the same
+encoded structure the loader decodes, so both rebuild the same objects, and
+it embeds reprokit's own array, calling and verdict modules verbatim, so it
+computes and judges exactly as `reprokit run` does.
+
+Templates are jinja2 files in the top-level `templates/` folder, shipped
+inside the wheel as `reprokit/templates/`.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from reprokit import _format
+from reprokit._encoding import TAG
+
+_EMBEDDED_MODULES = ("_arrays.py", "_verdict.py", "_calling.py")
+_INDENT = "    "
+_INLINE_WIDTH = 88
+
+
+def templates_dir() -> Path:
+    """Where the jinja2 templates are: inside the installed package, or the source checkout."""
+    package = Path(__file__).resolve().parent
+    for candidate in (package / "templates", package.parent / "templates"):
+        if (candidate / "replay.py.j2").is_file():
+            return candidate
+    raise FileNotFoundError("reprokit's templates are missing; reinstall reprokit")
+
+
+@functools.cache
+def _environment():
+    import jinja2
+
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(templates_dir())),
+        autoescape=False,
+        keep_trailing_newline=True,
+        undefined=jinja2.StrictUndefined,
+    )
+    env.filters["pyrepr"] = repr
+    env.filters["comment"] = lambda text: "\n".join("# " + line for line in str(text).splitlines() or [""])
+    env.filters["human_bytes"] = _format.human_bytes
+    env.filters["describe_signature"] = _format.describe_signature
+    return env
+
+
+def _embedded_source(filename: str) -> str:
+    text = (Path(__file__).resolve().parent / filename).read_text()
+    lines = [
+        line
+        for line in text.splitlines()
+        if not line.startswith("from __future__") and not line.rstrip().endswith("# replay.py: same namespace")
+    ]
+    return f"# ---- embedded from reprokit/{filename} ----\n" + "\n".join(lines).strip() + "\n"
+
+
+def render_replay_script(manifest: dict, tree: dict) -> str:
+    """The standalone replay script for an archive's manifest and encoded structure."""
+    from reprokit._environment import restorable_config_items
+
+    writer = _PythonWriter(tree["arrays"])
+    parts = {name: writer.expression(node, 1) for name, node in tree["record"].items()}
+    return _environment().get_template("replay.py.j2").render(
+        manifest=manifest,
+        signature=manifest["signature"],
+        mode=manifest["mode"],
+        jax_config=restorable_config_items(manifest["environment"].get("jax_config", {})),
+        arrays=tree["arrays"],
+        parts=parts,
+        imports=sorted(writer.imports),
+        embedded=[_embedded_source(name) for name in _EMBEDDED_MODULES],
+    )
+
+
+def render_readme(manifest: dict) -> str:
+    """The archive's README.md: what was recorded and how to replay it."""
+    from reprokit._environment import format_environment_summary
+
+    return _environment().get_template("README.md.j2").render(
+        manifest=manifest,
+        environment_summary=format_environment_summary(manifest["environment"]),
+    )
+
+
+def render_requirements(manifest: dict) -> str:
+    """Pinned versions of what `replay.py` needs, as recorded."""
+    packages = manifest["environment"].get("packages", {})
+    lines = [
+        f"{name}=={packages[name]}"
+        for name in ("jax", "jaxlib", "penzai", "numpy", "ml_dtypes")
+        if packages.get(name)
+    ]
+    return "\n".join(lines) + "\n"
+
+
+class _PythonWriter:
+    """Writes an encoded tree as a readable Python expression."""
+
+    def __init__(self, arrays: list[dict]):
+        self._arrays = arrays
+        self.imports: set[str] = set()
+
+    def expression(self, node: Any, level: int) -> str:
+        return self._emit(node, level)
+
+    def _emit(self, node: Any, level: int) -> str:
+        if isinstance(node, float):
+            return _float(node)
+        if node is None or isinstance(node, (bool, int, str, bytes)):
+            return repr(node)
+        if isinstance(node, list):
+            return self._sequence("[", "]", [self._emit(v, level + 1) for v in node], level)
+        tag = node[TAG]
+        if tag == "tuple":
+            items = [self._emit(v, level + 1) for v in node["v"]]
+            if len(items) == 1:
+                return f"({items[0]},)"
+            return self._sequence("(", ")", items, level)
+        if tag in ("dict", "odict"):
+            items = [f"{self._emit(k, level + 1)}: {self._emit(v, level + 1)}" for k, v in node["v"]]
+            if tag == "dict":
+                return self._sequence("{", "}", items, level)
+            self.imports.add("collections")
+            pairs = [f"({self._emit(k, level + 1)}, {self._emit(v, level + 1)})" for k, v in node["v"]]
+            return "collections.OrderedDict(" + self._sequence("[", "]", pairs, level) + ")"
+        if tag == "int":
+            return node["v"]
+        if tag == "array":
+            return f"array({node['i']})"
+        if tag == "scalar":
+            return f"np.frombuffer({node['v']!r}, dtype=dtype_from_name({node['dtype']!r}))[0]"
+        if tag == "obj":
+            cls = self._name(node["type"])
+            fields = [f"{name}={self._emit(value, level + 1)}" for name, value in node["f"]]
+            return self._sequence(f"build({cls}, ", ")", fields, level, head=f"build({cls},")
+        if tag == "enum":
+            return f"{self._name(node['type'])}[{node['name']!r}]"
+        if tag in ("fn", "type"):
+            return self._name(node["name"])
+        if tag == "partial":
+            self.imports.add("functools")
+            args = [self._emit(node["fn"], level + 1)]
+            args += [self._emit(a, level + 1) for a in node["args"]]
+            args += [f"{k}={self._emit(v, level + 1)}" for k, v in node["kw"]]
+            return self._sequence("functools.partial(", ")", args, level)
+        if tag == "jnp_type":
+            self.imports.add("jax.numpy")
+            return f"jax.numpy.{node['name']}"
+        if tag == "np_type":
+            import numpy as np
+
+            if isinstance(getattr(np, node["name"], None), type):
+                return f"np.{node['name']}"
+            self.imports.add("ml_dtypes")
+            return f"ml_dtypes.{node['name']}"
+        if tag == "dtype":
+            return f"dtype_from_name({node['name']!r})"
+        if tag == "builtin_type":
+            return node["name"]
+        if tag == "slice":
+            return "slice(" + ", ".join(self._emit(v, level + 1) for v in node["v"]) + ")"
+        if tag == "complex":
+            return f"complex({_float(node['v'][0])}, {_float(node['v'][1])})"
+        raise ValueError(f"cannot write node kind {tag!r} as Python")
+
+    def _name(self, name: str) -> str:
+        module, qualname = name.split(":")
+        self.imports.add(module)
+        return f"{module}.{qualname}"
+
+    def _sequence(self, open_: str, close: str, items: list[str], level: int, head: str | None = None) -> str:
+        inline = open_ + ", ".join(items) + close
+        if len(inline) + len(_INDENT) * level <= _INLINE_WIDTH and "\n" not in inline:
+            return inline
+        inner = _INDENT * (level + 1)
+        body = "".join(f"{inner}{item},{self._array_comment(item)}\n" for item in items)
+        return f"{(head or open_).rstrip()}\n{body}{_INDENT * level}{close}"
+
+    def _array_comment(self, item: str) -> str:
+        match = re.fullmatch(r"(?:\w+=)?array\((\d+)\)", item)
+        if not match:
+            return ""
+        desc = self._arrays[int(match.group(1))]
+        kind = " key" if desc["kind"] == "key" else " weak" if desc.get("weak_type") else ""
+        return f"  # {desc['dtype']}{list(desc['shape'])}{kind}"
+
+
+def _float(value: float) -> str:
+    if math.isnan(value):
+        return 'float("nan")'
+    if math.isinf(value):
+        return 'float("inf")' if value > 0 else 'float("-inf")'
+    return repr(value)
+
+
+def template_names() -> list[str]:
+    """The templates shipped with reprokit."""
+    return sorted(os.listdir(templates_dir()))
