@@ -87,11 +87,15 @@ def _jax_callable_types() -> tuple[type, ...]:
     import jax
     import numpy as np
 
-    return _CALLABLE_TYPES + (
-        type(jax.nn.relu),  # custom_jvp
-        type(jax.nn.silu),  # jitted function
-        np.ufunc,
-    ) + tuple({type(jax.numpy.sin), type(jax.custom_vjp(lambda x: x))})
+    return (
+        _CALLABLE_TYPES
+        + (
+            type(jax.nn.relu),  # custom_jvp
+            type(jax.nn.silu),  # jitted function
+            np.ufunc,
+        )
+        + tuple({type(jax.numpy.sin), type(jax.custom_vjp(lambda x: x))})
+    )
 
 
 def is_public_module(name: str) -> bool:
@@ -137,10 +141,14 @@ class AllowList:
             raise RefusedTypeError(f"archive references {name!r}, which reprokit never calls")
         if module in CALLABLE_NAMESPACES:
             if "." in qualname or qualname.startswith("_"):
-                raise RefusedTypeError(f"archive references {name!r}, which is not a public function")
+                raise RefusedTypeError(
+                    f"archive references {name!r}, which is not a public function"
+                )
             obj = getattr(_import(module, name), qualname, None)
             if obj is None or not isinstance(obj, _jax_callable_types()):
-                raise RefusedTypeError(f"archive references {name!r}, which is not a known function")
+                raise RefusedTypeError(
+                    f"archive references {name!r}, which is not a known function"
+                )
             return obj
         if self._in_extra(module):
             obj = _lookup(module, qualname, name)
@@ -176,7 +184,9 @@ def _import(module: str, name: str):
     try:
         return importlib.import_module(module)
     except ImportError as error:
-        raise RefusedTypeError(f"cannot import module {module!r} needed for {name!r}: {error}") from None
+        raise RefusedTypeError(
+            f"cannot import module {module!r} needed for {name!r}: {error}"
+        ) from None
 
 
 def _lookup(module: str, qualname: str, name: str):

@@ -15,7 +15,9 @@ from typing import Any
 MODES = ("eager", "jit")
 
 
-def call_layer(submodel: Any, var_values: Any, argument: Any, side_inputs: dict, mode: str) -> tuple:
+def call_layer(
+    submodel: Any, var_values: Any, argument: Any, side_inputs: dict, mode: str
+) -> tuple:
     """Runs `submodel.stateless_call` eagerly or under `jax.jit`; returns (output, final vars)."""
     if mode == "jit":
         return _jitted_stateless_call(submodel, tuple(var_values), argument, dict(side_inputs))

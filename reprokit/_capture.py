@@ -88,9 +88,13 @@ class _Capturer(pz.nn.Layer):
         )
         for var in variables:
             if not isinstance(var, pz.StateVariable):
-                raise CaptureError(f"the selected layer holds {type(var).__name__}; expected StateVariables")
+                raise CaptureError(
+                    f"the selected layer holds {type(var).__name__}; expected StateVariables"
+                )
         initial = pz.freeze_variables(variables)
-        _refuse_tracers((submodel, stateless_arg, stateless_sides, initial), "the selected layer's input")
+        _refuse_tracers(
+            (submodel, stateless_arg, stateless_sides, initial), "the selected layer's input"
+        )
         index = len(self.calls.value)
         record = dict(
             index=index,
@@ -144,7 +148,9 @@ def selected_layer(selection: Any) -> tuple[Any, str]:
     if not isinstance(layer, pz.nn.Layer):
         raise UsageError(f"the selection picks a {type(layer).__name__}, not a pz.nn.Layer")
     if not isinstance(model, pz.nn.Layer):
-        raise UsageError(f"the selection was built from a {type(model).__name__}, not a pz.nn.Layer")
+        raise UsageError(
+            f"the selection was built from a {type(model).__name__}, not a pz.nn.Layer"
+        )
     (keypath,) = selection.selected_by_path.keys()
     return layer, pz.pretty_keystr(keypath, model) or "(the whole model)"
 
@@ -164,7 +170,9 @@ def _strip_jit_around(model: Any) -> tuple[Any, bool]:
         stripped = True
 
 
-def capture_calls(selection: Any, argument: Any, side_inputs: dict, mode: str | None = None) -> Capture:
+def capture_calls(
+    selection: Any, argument: Any, side_inputs: dict, mode: str | None = None
+) -> Capture:
     """Runs the selection's model once on `argument`, recording every call of the selected layer."""
     layer, keypath = selected_layer(selection)
     if mode is not None and mode not in MODES:
@@ -175,7 +183,11 @@ def capture_calls(selection: Any, argument: Any, side_inputs: dict, mode: str | 
     model, stripped = _strip_jit_around(model)
     if mode is None and stripped:
         # The user runs this layer under penzai's Jitted wrapper: record it under jit.
-        model = pz.select(model).at_instances_of(_Capturer).apply(lambda c: dataclasses.replace(c, mode="jit"))
+        model = (
+            pz.select(model)
+            .at_instances_of(_Capturer)
+            .apply(lambda c: dataclasses.replace(c, mode="jit"))
+        )
         mode = "jit"
     model_exception = None
     try:
@@ -205,7 +217,9 @@ def choose_call(capture: Capture, call: int | None = None) -> CallRecord:
     """The call to pack: `call` if given, else the first that misbehaves, else the first."""
     if call is not None:
         if not isinstance(call, int) or not -len(capture.calls) <= call < len(capture.calls):
-            raise UsageError(f"call={call!r}, but the selected layer was called {len(capture.calls)} times")
+            raise UsageError(
+                f"call={call!r}, but the selected layer was called {len(capture.calls)} times"
+            )
         return capture.calls[call]
     for record in capture.calls:
         if record.misbehaves():

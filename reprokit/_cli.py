@@ -93,7 +93,9 @@ def _load_target(target: str):
     """Imports `path/to/script.py:function` or `package.module:function` and returns the function."""
     spec, _, name = target.rpartition(":")
     if not spec or not name.isidentifier():
-        raise UsageError(f"TARGET {target!r} must look like path/to/script.py:make_call or module:make_call")
+        raise UsageError(
+            f"TARGET {target!r} must look like path/to/script.py:make_call or module:make_call"
+        )
     if spec.endswith(".py"):
         if not os.path.isfile(spec):
             raise UsageError(f"no such script: {spec}")
@@ -131,7 +133,9 @@ def _select(model, keypath: str):
     from penzai import pz
 
     if not isinstance(model, pz.nn.Layer):
-        raise UsageError(f"the target returned a {type(model).__name__} as model, not a pz.nn.Layer")
+        raise UsageError(
+            f"the target returned a {type(model).__name__} as model, not a pz.nn.Layer"
+        )
     selection = pz.select(model).at_subtrees_where(
         lambda kp, x: pz.pretty_keystr(kp, model) == keypath, with_keypath=True
     )
@@ -171,13 +175,40 @@ def _walk_with_keypaths(model):
 
 @main.command(epilog=EXIT_CODES_HELP)
 @click.argument("target")
-@click.option("--select", "keypath", metavar="KEYPATH", help="The layer to pack, as pz.pretty_keystr prints it, e.g. '.body.sublayers[2]'.")
-@click.option("-o", "--out", default=None, metavar="FILE", help="Archive to write [default: LAYER.repro.zip].")
-@click.option("--call", type=int, default=None, help="Which call of the layer to pack (0-based) [default: first that misbehaves].")
-@click.option("--signature", type=click.Choice(["exception", "nonfinite", "output"]), default=None, help="The recorded issue [default: detected].")
-@click.option("--mode", type=click.Choice(["eager", "jit"]), default=None, help="Run the layer eagerly or under jax.jit [default: jit inside penzai's Jitted, else eager].")
+@click.option(
+    "--select",
+    "keypath",
+    metavar="KEYPATH",
+    help="The layer to pack, as pz.pretty_keystr prints it, e.g. '.body.sublayers[2]'.",
+)
+@click.option(
+    "-o", "--out", default=None, metavar="FILE", help="Archive to write [default: LAYER.repro.zip]."
+)
+@click.option(
+    "--call",
+    type=int,
+    default=None,
+    help="Which call of the layer to pack (0-based) [default: first that misbehaves].",
+)
+@click.option(
+    "--signature",
+    type=click.Choice(["exception", "nonfinite", "output"]),
+    default=None,
+    help="The recorded issue [default: detected].",
+)
+@click.option(
+    "--mode",
+    type=click.Choice(["eager", "jit"]),
+    default=None,
+    help="Run the layer eagerly or under jax.jit [default: jit inside penzai's Jitted, else eager].",
+)
 @click.option("--note", default="", help="A note for the maintainer.")
-@click.option("--list", "list_layers", is_flag=True, help="List the model's layers with their keypaths and exit.")
+@click.option(
+    "--list",
+    "list_layers",
+    is_flag=True,
+    help="List the model's layers with their keypaths and exit.",
+)
 @_allow_module_option
 @_debug_option
 def pack(target, keypath, out, call, signature, mode, note, list_layers, allow_modules, debug):
@@ -236,11 +267,18 @@ def _put_recorded_xla_flags(path: str) -> list[str]:
     current = os.environ.get("XLA_FLAGS", "").split()
     if not flags or flags == current:
         return []
-    from reprokit._environment import check_xla_flags
+    from reprokit._environment import check_xla_flags, replayable_xla_flags
 
+    flags, machine_specific = replayable_xla_flags(flags)
     accepted, rejected = check_xla_flags(flags)
     os.environ["XLA_FLAGS"] = " ".join(accepted)
-    return [f"recorded XLA flag {flag} is unknown to this jaxlib; left out" for flag in rejected]
+    notes = [
+        f"recorded XLA flag {flag} names the reporter's machine; left out"
+        for flag in machine_specific
+    ]
+    return notes + [
+        f"recorded XLA flag {flag} is unknown to this jaxlib; left out" for flag in rejected
+    ]
 
 
 @main.command(epilog=EXIT_CODES_HELP)
@@ -300,7 +338,11 @@ def inspect(archive, as_json, debug):
         finally:
             opened.close()
         if as_json:
-            payload = {"sha256": sha256, "manifest": opened.manifest, "arrays": opened.structure["arrays"]}
+            payload = {
+                "sha256": sha256,
+                "manifest": opened.manifest,
+                "arrays": opened.structure["arrays"],
+            }
             click.echo(json.dumps(payload, indent=1))
         else:
             click.echo(describe_archive(opened.manifest, opened.structure, sha256))

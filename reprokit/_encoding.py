@@ -67,15 +67,25 @@ class _Encoder:
         if type(value) is list:
             return [self.encode(v, f"{where}[{i}]", depth + 1) for i, v in enumerate(value)]
         if type(value) is tuple:
-            return {TAG: "tuple", "v": [self.encode(v, f"{where}[{i}]", depth + 1) for i, v in enumerate(value)]}
+            return {
+                TAG: "tuple",
+                "v": [self.encode(v, f"{where}[{i}]", depth + 1) for i, v in enumerate(value)],
+            }
         if type(value) in (dict, collections.OrderedDict):
             items = [
-                [self.encode(k, f"{where} key", depth + 1), self.encode(v, f"{where}[{k!r}]", depth + 1)]
+                [
+                    self.encode(k, f"{where} key", depth + 1),
+                    self.encode(v, f"{where}[{k!r}]", depth + 1),
+                ]
                 for k, v in value.items()
             ]
             return {TAG: "dict" if type(value) is dict else "odict", "v": items}
         if isinstance(value, enum.Enum):
-            return {TAG: "enum", "type": _allowlist.name_of_type(type(value), where), "name": value.name}
+            return {
+                TAG: "enum",
+                "type": _allowlist.name_of_type(type(value), where),
+                "name": value.name,
+            }
         if isinstance(value, type):
             return self._encode_type(value, where)
         if isinstance(value, np.dtype):
@@ -92,14 +102,25 @@ class _Encoder:
                 TAG: "partial",
                 "fn": self.encode(value.func, f"{where}.func", depth + 1),
                 "args": [self.encode(a, f"{where}.args", depth + 1) for a in value.args],
-                "kw": [[k, self.encode(v, f"{where}.{k}", depth + 1)] for k, v in value.keywords.items()],
+                "kw": [
+                    [k, self.encode(v, f"{where}.{k}", depth + 1)]
+                    for k, v in value.keywords.items()
+                ],
             }
         if type(value) is slice:
-            return {TAG: "slice", "v": [self.encode(v, where, depth + 1) for v in (value.start, value.stop, value.step)]}
+            return {
+                TAG: "slice",
+                "v": [
+                    self.encode(v, where, depth + 1) for v in (value.start, value.stop, value.step)
+                ],
+            }
         if type(value) is complex:
             return {TAG: "complex", "v": [value.real, value.imag]}
         if callable(value):
-            return {TAG: "fn", "name": _allowlist.name_of_callable(value, where, self._extra_modules)}
+            return {
+                TAG: "fn",
+                "name": _allowlist.name_of_callable(value, where, self._extra_modules),
+            }
         raise CaptureError(
             f"{where} holds a {type(value).__module__}.{type(value).__qualname__}, which reprokit "
             "cannot save; use arrays, numbers, strings, containers, penzai Structs or dataclasses"
@@ -129,7 +150,8 @@ def _allowlist_dtype_names() -> frozenset[str]:
     return frozenset(
         name
         for name in dir(ml_dtypes)
-        if isinstance(getattr(ml_dtypes, name), type) and issubclass(getattr(ml_dtypes, name), np.generic)
+        if isinstance(getattr(ml_dtypes, name), type)
+        and issubclass(getattr(ml_dtypes, name), np.generic)
     )
 
 
@@ -235,7 +257,10 @@ class Decoder:
             raise RefusedTypeError(f"{node['type']!r} is not a dataclass")
         expected = [f.name for f in dataclasses.fields(cls)]
         given = node["f"]
-        if not isinstance(given, list) or [f[0] if isinstance(f, list) else None for f in given] != expected:
+        if (
+            not isinstance(given, list)
+            or [f[0] if isinstance(f, list) else None for f in given] != expected
+        ):
             raise ArchiveError(f"fields of {node['type']!r} in the archive do not match the class")
         values = {name: self.decode(value, depth) for name, value in given}
         from_attributes = getattr(cls, "from_attributes", None)

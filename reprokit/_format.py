@@ -86,7 +86,12 @@ def check_manifest(manifest: Any) -> dict:
         _expect(sig, "type", str)
         _expect(sig, "message", str)
     if sig["kind"] == "nonfinite":
-        _expect(sig, "leaves", list, lambda v: all(isinstance(x, dict) and isinstance(x.get("path"), str) for x in v))
+        _expect(
+            sig,
+            "leaves",
+            list,
+            lambda v: all(isinstance(x, dict) and isinstance(x.get("path"), str) for x in v),
+        )
     if "rtol" in sig and not isinstance(sig["rtol"], (int, float)):
         raise ArchiveError("manifest.json has an invalid signature tolerance")
     _expect(manifest, "arrays", dict)
@@ -98,7 +103,12 @@ def check_manifest(manifest: Any) -> dict:
 
 def _expect(obj: dict, key: str, kind: type, check=lambda v: True) -> None:
     value = obj.get(key)
-    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool or not check(value):
+    if (
+        not isinstance(value, kind)
+        or isinstance(value, bool)
+        and kind is not bool
+        or not check(value)
+    ):
         raise ArchiveError(f"manifest.json has a missing or invalid {key!r}")
 
 

@@ -15,7 +15,9 @@ from reprokit._encoding import TAG
 _MAX_OUTLINE_LINES = 400
 
 
-def outline(node: Any, arrays: list[dict], label: str = "", depth: int = 0, out: list | None = None) -> list[str]:
+def outline(
+    node: Any, arrays: list[dict], label: str = "", depth: int = 0, out: list | None = None
+) -> list[str]:
     """An indented outline of an encoded tree: type names, containers and array shapes."""
     out = [] if out is None else out
     if len(out) >= _MAX_OUTLINE_LINES:
@@ -73,7 +75,13 @@ def array_label(arrays: list[dict], index: Any) -> str:
     if not isinstance(index, int) or not 0 <= index < len(arrays):
         return f"array #{index} (missing)"
     desc = arrays[index]
-    extra = f" key<{desc.get('key_impl')}>" if desc["kind"] == "key" else " weak" if desc.get("weak_type") else ""
+    extra = (
+        f" key<{desc.get('key_impl')}>"
+        if desc["kind"] == "key"
+        else " weak"
+        if desc.get("weak_type")
+        else ""
+    )
     shape = ",".join(str(s) for s in desc["shape"])
     kind = "np." if desc["kind"] == "numpy" else ""
     return f"{kind}{desc['dtype']}[{shape}]{extra}  (array #{index})"
@@ -104,7 +112,9 @@ def describe_archive(manifest: dict, structure: dict, sha256: str) -> str:
         lines.append("traceback at capture:")
         lines += [f"  {line}" for line in manifest["exception_traceback"]]
     lines.append("environment:")
-    lines += ["  " + line for line in format_environment_summary(manifest["environment"]).splitlines()]
+    lines += [
+        "  " + line for line in format_environment_summary(manifest["environment"]).splitlines()
+    ]
     arrays = structure["arrays"]
     total = sum(d["nbytes"] for d in arrays)
     lines.append(f"arrays: {len(arrays)} ({_format.human_bytes(total)})")

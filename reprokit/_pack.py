@@ -91,10 +91,14 @@ def pack(
       A `PackResult` describing the archive.
     """
     if signature is not None and signature not in SIGNATURE_KINDS:
-        raise UsageError(f"signature must be one of {', '.join(SIGNATURE_KINDS)}, not {signature!r}")
+        raise UsageError(
+            f"signature must be one of {', '.join(SIGNATURE_KINDS)}, not {signature!r}"
+        )
     out = os.fspath(out)
     if not out.endswith(".zip"):
-        raise UsageError(f"output {out!r} should end in .repro.zip (GitHub accepts .zip attachments)")
+        raise UsageError(
+            f"output {out!r} should end in .repro.zip (GitHub accepts .zip attachments)"
+        )
     capture = capture_calls(selection, argument, dict(side_inputs or {}), mode)
     record = choose_call(capture, call)
     try:
@@ -116,7 +120,9 @@ def pack(
         "call": {"index": record.index, "count": len(capture.calls)},
         "mode": capture.mode,
         "signature": sig,
-        "exception_traceback": [scrub_text(line) for line in (record.exception or {}).get("traceback", [])],
+        "exception_traceback": [
+            scrub_text(line) for line in (record.exception or {}).get("traceback", [])
+        ],
         "modules": sorted(_needed_modules(tree["record"])),
         "arrays": {"count": len(arrays), "bytes": sum(d["nbytes"] for d in tree["arrays"])},
         "environment": capture_environment(),
@@ -198,6 +204,10 @@ def _write(out: str, manifest: dict, tree: dict, arrays: list) -> None:
         writer.add_bytes(_format.STRUCTURE, structure)
         for index, data in enumerate(arrays):
             writer.add_buffer(_format.array_member(index), data)
-        writer.add_bytes(_format.REPLAY_SCRIPT, _script.render_replay_script(manifest, tree).encode(), compress=True)
+        writer.add_bytes(
+            _format.REPLAY_SCRIPT,
+            _script.render_replay_script(manifest, tree).encode(),
+            compress=True,
+        )
         writer.add_bytes(_format.README, _script.render_readme(manifest).encode(), compress=True)
         writer.add_bytes(_format.REQUIREMENTS, _script.render_requirements(manifest).encode())

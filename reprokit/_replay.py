@@ -20,7 +20,14 @@ from reprokit._archive import ArchiveReader, Limits
 from reprokit._encoding import decode_tree, unpack_bytes
 from reprokit._errors import ArchiveError, ReplayError
 
-RECORD_PARTS = ("submodel", "argument", "side_inputs", "initial_var_values", "output", "final_var_values")
+RECORD_PARTS = (
+    "submodel",
+    "argument",
+    "side_inputs",
+    "initial_var_values",
+    "output",
+    "final_var_values",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,7 +126,9 @@ def _decode(opened: OpenedArchive, allow: AllowList) -> LoadedArchive:
 
     def array(index: int) -> Any:
         if not 0 <= index < len(descriptors):
-            raise ArchiveError(f"structure refers to array {index}, which the archive does not hold")
+            raise ArchiveError(
+                f"structure refers to array {index}, which the archive does not hold"
+            )
         if index not in cache:
             member = _format.array_member(index)
             if opened.reader.size(member) != descriptors[index]["nbytes"]:
@@ -130,7 +139,9 @@ def _decode(opened: OpenedArchive, allow: AllowList) -> LoadedArchive:
                 raise ArchiveError(f"array {index}: {error}") from None
         return cache[index]
 
-    record = {name: decode_tree(node, allow, array) for name, node in opened.structure["record"].items()}
+    record = {
+        name: decode_tree(node, allow, array) for name, node in opened.structure["record"].items()
+    }
     _check_record(record)
     return LoadedArchive(
         path=opened.path, manifest=opened.manifest, record=record, config_problems=problems
@@ -142,10 +153,14 @@ def _check_record(record: dict) -> None:
 
     if not isinstance(record["submodel"], pz.nn.Layer):
         raise ArchiveError("the archive's submodel is not a penzai layer")
-    if not isinstance(record["side_inputs"], dict) or not all(isinstance(k, str) for k in record["side_inputs"]):
+    if not isinstance(record["side_inputs"], dict) or not all(
+        isinstance(k, str) for k in record["side_inputs"]
+    ):
         raise ArchiveError("the archive's side inputs are not a dict of names")
     values = record["initial_var_values"]
-    if not isinstance(values, tuple) or not all(isinstance(v, pz.StateVariableValue) for v in values):
+    if not isinstance(values, tuple) or not all(
+        isinstance(v, pz.StateVariableValue) for v in values
+    ):
         raise ArchiveError("the archive's variable values are not penzai StateVariableValues")
 
 
@@ -166,7 +181,9 @@ class Verdict:
             "recorded_mode": self.manifest["mode"],
             "layer": self.manifest["layer"],
             "notes": list(self.notes),
-            "environment_differences": [dataclasses.asdict(d) for d in self.environment_differences],
+            "environment_differences": [
+                dataclasses.asdict(d) for d in self.environment_differences
+            ],
         }
 
     def format(self) -> str:
@@ -184,7 +201,9 @@ class Verdict:
             lines.append("  environment differences that may matter:")
             lines += ["    " + line for line in format_environment_table(important).splitlines()]
         elif self.environment_differences:
-            lines.append(f"  environment: {len(self.environment_differences)} minor differences (reprokit inspect)")
+            lines.append(
+                f"  environment: {len(self.environment_differences)} minor differences (reprokit inspect)"
+            )
         else:
             lines.append("  environment: same versions, platform and numerics config as recorded")
         return "\n".join(lines)
@@ -228,7 +247,9 @@ def replay_loaded(loaded: LoadedArchive) -> Verdict:
     notes = list(loaded.config_problems)
     env = manifest["environment"]
     if env.get("xla_flags") and env.get("xla_flags") != capture_environment().get("xla_flags"):
-        notes.append("recorded XLA_FLAGS are not in force here (reprokit run sets them before jax starts)")
+        notes.append(
+            "recorded XLA_FLAGS are not in force here (reprokit run sets them before jax starts)"
+        )
     differences = tuple(diff_environments(env, capture_environment()))
     return Verdict(
         reproduced=bool(details["reproduced"]),

@@ -47,7 +47,9 @@ def _environment():
         undefined=jinja2.StrictUndefined,
     )
     env.filters["pyrepr"] = repr
-    env.filters["comment"] = lambda text: "\n".join("# " + line for line in str(text).splitlines() or [""])
+    env.filters["comment"] = lambda text: "\n".join(
+        "# " + line for line in str(text).splitlines() or [""]
+    )
     env.filters["human_bytes"] = _format.human_bytes
     env.filters["describe_signature"] = _format.describe_signature
     return env
@@ -58,7 +60,8 @@ def _embedded_source(filename: str) -> str:
     lines = [
         line
         for line in text.splitlines()
-        if not line.startswith("from __future__") and not line.rstrip().endswith("# replay.py: same namespace")
+        if not line.startswith("from __future__")
+        and not line.rstrip().endswith("# replay.py: same namespace")
     ]
     return f"# ---- embedded from reprokit/{filename} ----\n" + "\n".join(lines).strip() + "\n"
 
@@ -69,15 +72,19 @@ def render_replay_script(manifest: dict, tree: dict) -> str:
 
     writer = _PythonWriter(tree["arrays"])
     parts = {name: writer.expression(node, 1) for name, node in tree["record"].items()}
-    return _environment().get_template("replay.py.j2").render(
-        manifest=manifest,
-        signature=manifest["signature"],
-        mode=manifest["mode"],
-        jax_config=restorable_config_items(manifest["environment"].get("jax_config", {})),
-        arrays=tree["arrays"],
-        parts=parts,
-        imports=sorted(writer.imports),
-        embedded=[_embedded_source(name) for name in _EMBEDDED_MODULES],
+    return (
+        _environment()
+        .get_template("replay.py.j2")
+        .render(
+            manifest=manifest,
+            signature=manifest["signature"],
+            mode=manifest["mode"],
+            jax_config=restorable_config_items(manifest["environment"].get("jax_config", {})),
+            arrays=tree["arrays"],
+            parts=parts,
+            imports=sorted(writer.imports),
+            embedded=[_embedded_source(name) for name in _EMBEDDED_MODULES],
+        )
     )
 
 
@@ -85,9 +92,13 @@ def render_readme(manifest: dict) -> str:
     """The archive's README.md: what was recorded and how to replay it."""
     from reprokit._environment import format_environment_summary
 
-    return _environment().get_template("README.md.j2").render(
-        manifest=manifest,
-        environment_summary=format_environment_summary(manifest["environment"]),
+    return (
+        _environment()
+        .get_template("README.md.j2")
+        .render(
+            manifest=manifest,
+            environment_summary=format_environment_summary(manifest["environment"]),
+        )
     )
 
 
@@ -126,11 +137,15 @@ class _PythonWriter:
                 return f"({items[0]},)"
             return self._sequence("(", ")", items, level)
         if tag in ("dict", "odict"):
-            items = [f"{self._emit(k, level + 1)}: {self._emit(v, level + 1)}" for k, v in node["v"]]
+            items = [
+                f"{self._emit(k, level + 1)}: {self._emit(v, level + 1)}" for k, v in node["v"]
+            ]
             if tag == "dict":
                 return self._sequence("{", "}", items, level)
             self.imports.add("collections")
-            pairs = [f"({self._emit(k, level + 1)}, {self._emit(v, level + 1)})" for k, v in node["v"]]
+            pairs = [
+                f"({self._emit(k, level + 1)}, {self._emit(v, level + 1)})" for k, v in node["v"]
+            ]
             return "collections.OrderedDict(" + self._sequence("[", "]", pairs, level) + ")"
         if tag == "int":
             return node["v"]
@@ -177,7 +192,9 @@ class _PythonWriter:
         self.imports.add(module)
         return f"{module}.{qualname}"
 
-    def _sequence(self, open_: str, close: str, items: list[str], level: int, head: str | None = None) -> str:
+    def _sequence(
+        self, open_: str, close: str, items: list[str], level: int, head: str | None = None
+    ) -> str:
         inline = open_ + ", ".join(items) + close
         if len(inline) + len(_INDENT) * level <= _INLINE_WIDTH and "\n" not in inline:
             return inline

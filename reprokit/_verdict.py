@@ -73,7 +73,9 @@ def detect_signature(outcome: dict, kind: str | None = None) -> dict:
             raise ValueError("signature 'exception' asked for, but the layer did not raise")
         return {"kind": "exception", "type": exception["type"], "message": exception["message"]}
     if exception:
-        raise ValueError(f"the layer raised {exception['type']}; its signature can only be 'exception'")
+        raise ValueError(
+            f"the layer raised {exception['type']}; its signature can only be 'exception'"
+        )
     if kind == "nonfinite":
         if not nonfinite:
             raise ValueError("signature 'nonfinite' asked for, but every output value is finite")
@@ -172,7 +174,8 @@ def judge(signature: dict, recorded: dict, replayed: dict) -> dict:
         ]
         reproduced = not missing
         reason = (
-            "non-finite values in " + ", ".join(leaf["path"] or "output" for leaf in signature["leaves"])
+            "non-finite values in "
+            + ", ".join(leaf["path"] or "output" for leaf in signature["leaves"])
             if reproduced
             else "finite where it was non-finite: " + ", ".join(p or "output" for p in missing)
         )
@@ -216,7 +219,9 @@ def _describe_rows(title: str, rows: list[dict]) -> list[str]:
         elif row["status"] == "differs":
             rel = row.get("max_rel_error")
             rel_text = "n/a" if rel is None else f"{rel:.3g}"
-            lines.append(f"  {path}: max abs error {row['max_abs_error']:.3g}, max rel error {rel_text}")
+            lines.append(
+                f"  {path}: max abs error {row['max_abs_error']:.3g}, max rel error {rel_text}"
+            )
         else:
             lines.append(f"  {path}: {row['status']}")
     return lines

@@ -1,0 +1,1177 @@
+"""The zip container behind `.repro.zip` files: aligned writes, paranoid reads.
+
+A reprokit archive is a plain zip so that anyone can look inside it with
+`unzip`, but two things about it are unusual and are why this module writes
+zips itself instead of using `zipfile`:
+
+* Array members are stored uncompressed with their data starting at a file
+  offset that is a multiple of `ALIGNMENT` (padding goes into the local
+  header's extra field, in the record Android's apksigner uses). A reader can then
+  `readinto` an aligned numpy buffer straight from the file, and the buffer
+  can be handed to the accelerator runtime without another copy.
+* The CRC-32 of a large member is computed chunk by chunk while the chunk is
+  written (or read), on a helper thread, instead of in a separate pass.
+
+Archives arrive as attachments on bug reports, so the reading side treats
+them as hostile: `ArchiveReader` parses the central directory and every local
+header itself and refuses anything odd (unsafe names, links, encryption,
+exotic compression, overlapping or out-of-file data, sizes beyond `Limits`)
+with an `ArchiveError` before any member is used. Later integrity problems
+(CRC or size mismatches) are also reported as `ArchiveError`, so callers only
+ever see that one error type for a bad archive.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import errno
+import hashlib
+import os
+import re
+import secrets
+import stat
+import struct
+import threading
+import unicodedata
+import weakref
+import zlib
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from reprokit._errors import ArchiveError
+
+__all__ = [
+    "ALIGNMENT",
+    "ArchiveReader",
+    "ArchiveWriter",
+    "Limits",
+    "is_safe_member_name",
+]
+
+ALIGNMENT = 64
+
+# Record layouts from PKWARE's APPNOTE.TXT (sections 4.3.7, 4.3.12, 4.3.14-16).
+_LOCAL = struct.Struct("<IHHHHHIIIHH")
+_CENTRAL = struct.Struct("<IHHHHHHIIIHHHHHII")
+_EOCD = struct.Struct("<IHHHHIIH")
+_EOCD64 = struct.Struct("<IQHHIIQQQQ")
+_LOCATOR64 = struct.Struct("<IIQI")
+_EXTRA_HEADER = struct.Struct("<HH")
+_U16 = struct.Struct("<H")
+_U32 = struct.Struct("<I")
+_U64 = struct.Struct("<Q")
+
+_SIG_LOCAL = 0x04034B50
+_SIG_CENTRAL = 0x02014B50
+_SIG_EOCD = 0x06054B50
+_SIG_EOCD64 = 0x06064B50
+_SIG_LOCATOR64 = 0x07064B50
+
+_STORED = 0
+_DEFLATED = 8
+
+_FLAG_ENCRYPTED = 0x0001
+_FLAG_DATA_DESCRIPTOR = 0x0008
+_FLAG_STRONG_ENCRYPTION = 0x0040
+_FLAG_UTF8 = 0x0800
+_FLAG_MASKED_HEADERS = 0x2000
+_ANY_ENCRYPTION = _FLAG_ENCRYPTED | _FLAG_STRONG_ENCRYPTION | _FLAG_MASKED_HEADERS
+
+_EXTRA_ZIP64 = 0x0001
+# Android's alignment record (2-byte alignment, then zero padding): an id that
+# existing tools already know to skip, rather than one made up here.
+_EXTRA_ALIGNMENT = 0xD935
+_ALIGNMENT_RECORD_MIN = 6
+
+_MAX16 = 0xFFFF
+_MAX32 = 0xFFFFFFFF
+
+_VERSION_DEFAULT = 20
+_VERSION_ZIP64 = 45
+_VERSION_MADE_BY = (3 << 8) | _VERSION_ZIP64  # 3: unix, so unzip applies the mode
+_REGULAR_FILE_ATTR = (stat.S_IFREG | 0o644) << 16
+_MSDOS_DIRECTORY_ATTR = 0x10
+# Every member gets 1980-01-01 00:00 so that packing the same inputs twice
+# gives byte-identical archives (and identical sha256 sums in bug reports).
+_DOS_TIME = 0
+_DOS_DATE = (1 << 5) | 1
+
+# Chunk size for streaming members; big enough that per-chunk overhead is
+# noise, small enough that a chunk stays in cache between write and CRC.
+_CHUNK = 8 * 2**20
+# Below this, handing a chunk to the CRC thread costs more than it saves.
+_PIPELINE_MIN = 2 * _CHUNK
+# Members up to this size are copied behind their header to save a system
+# call; larger ones are written straight from the caller's buffer.
+_COALESCE_MAX = 64 * 2**10
+# The ratio limit is only applied to members declaring more than this many
+# bytes: tiny, repetitive text members legitimately compress very well, and a
+# bomb needs a large declared size to do harm anyway.
+_RATIO_FLOOR = 64 * 2**10
+# Per-entry budget for the extra field and comment of a central directory
+# record; bounds how much central directory a member count may claim.
+_MAX_ENTRY_EXTRA = 4096
+
+_DEFAULT_MAX_NAME_LENGTH = 255
+_C0_C1_CONTROLS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+# Line separators, bidi overrides, zero-width characters and lone surrogates
+# can make a name display as a different name in messages and listings.
+_DECEPTIVE_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp"})
+
+_FILE_TYPES = {
+    stat.S_IFLNK: "a symbolic link",
+    stat.S_IFDIR: "a directory entry",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+    stat.S_IFIFO: "a FIFO",
+    stat.S_IFSOCK: "a socket",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    """Hard limits checked before anything is read; defaults sane, raisable by flags."""
+
+    max_members: int = 100_000
+    # Manifest, structure and text members are read fully into memory.
+    max_small_member_bytes: int = 64 * 2**20
+    # Sum of the declared uncompressed sizes of all members.
+    max_total_bytes: int = 256 * 2**30
+    # Per deflated member, uncompressed/compressed (zip bombs).
+    max_compression_ratio: float = 200.0
+    # In UTF-8 bytes.
+    max_name_length: int = _DEFAULT_MAX_NAME_LENGTH
+
+    def __post_init__(self) -> None:
+        for field in dataclasses.fields(self):
+            if getattr(self, field.name) < 0:
+                raise ValueError(f"Limits.{field.name} must not be negative")
+
+
+def _show(name: str) -> str:
+    """Quote a member name for a one-line message, escaping anything odd."""
+    if len(name) > 80:
+        return repr(name[:80]) + "..."
+    return repr(name)
+
+
+def _name_problem(name: object, max_length: int) -> str | None:
+    """Say what is wrong with a member name, or None if it is safe."""
+    if not isinstance(name, str):
+        return "is not a string"
+    if not name:
+        return "is empty"
+    try:
+        encoded = name.encode("utf-8")
+    except UnicodeEncodeError:
+        return "is not valid Unicode"
+    if len(encoded) > max_length:
+        return f"is longer than {max_length} bytes"
+    if "\\" in name:
+        return "contains a backslash"
+    if name.startswith("/"):
+        return "is an absolute path"
+    if ":" in name:
+        return "contains ':' (a drive letter or stream name)"
+    if _C0_C1_CONTROLS.search(name):
+        return "contains a NUL or control character"
+    if not name.isascii() and any(
+        unicodedata.category(char) in _DECEPTIVE_CATEGORIES for char in name
+    ):
+        return "contains an invisible or formatting character"
+    parts = name.split("/")
+    if ".." in parts:
+        return "contains a '..' component"
+    if "." in parts:
+        return "contains a '.' component"
+    if "" in parts:
+        return "contains an empty component"
+    return None
+
+
+def is_safe_member_name(name: str, *, max_length: int = _DEFAULT_MAX_NAME_LENGTH) -> bool:
+    """Tell whether `name` is acceptable as a member name, on write and on read.
+
+    A safe name is a non-empty, relative, '/'-separated path of at most
+    `max_length` UTF-8 bytes with no empty, '.' or '..' components, no
+    backslash, no ':' (drive letters, NTFS streams) and no control or
+    invisible characters. Such a name cannot escape a folder it is extracted
+    into and cannot be displayed as a different name.
+    """
+    return _name_problem(name, max_length) is None
+
+
+def _byte_view(buffer: Any, *, writable: bool) -> memoryview:
+    """A flat unsigned-byte view of a C-contiguous buffer, without copying."""
+    if isinstance(buffer, np.ndarray):
+        if buffer.dtype.hasobject:
+            raise TypeError("an array of Python objects has no raw bytes to store")
+        if not buffer.flags.c_contiguous:
+            raise ValueError("the buffer must be C-contiguous")
+        if writable and not buffer.flags.writeable:
+            raise ValueError("the buffer must be writable")
+        # Viewing as uint8 (rather than memoryview(buffer)) also covers dtypes
+        # the buffer protocol cannot describe, such as bfloat16.
+        return memoryview(buffer.view(np.ndarray).reshape(-1).view(np.uint8))
+    view = memoryview(buffer)
+    if not view.c_contiguous:
+        raise ValueError("the buffer must be C-contiguous")
+    if writable and view.readonly:
+        raise ValueError("the buffer must be writable")
+    if view.format != "B" or view.ndim != 1:
+        view = view.cast("B")
+    return view
+
+
+def _crc_pipelined(
+    chunks: list[memoryview],
+    transfer: Callable[[memoryview], None],
+    pool: concurrent.futures.Executor,
+    *,
+    crc_after_transfer: bool,
+) -> int:
+    """Move `chunks` with `transfer` while their CRC-32 runs on `pool`.
+
+    Both zlib.crc32 and file I/O release the GIL on large buffers, so they
+    genuinely overlap. When writing, a chunk's CRC runs while that same chunk
+    is written; when reading (`crc_after_transfer`), a chunk's CRC runs while
+    the next chunk is read into memory.
+    """
+    crc = 0
+    pending: concurrent.futures.Future[int] | None = None
+    try:
+        for chunk in chunks:
+            if not crc_after_transfer:
+                pending = pool.submit(zlib.crc32, chunk, crc)
+                transfer(chunk)
+                crc = pending.result()
+                pending = None
+            else:
+                transfer(chunk)
+                if pending is not None:
+                    crc = pending.result()
+                pending = pool.submit(zlib.crc32, chunk, crc)
+        if pending is not None:
+            crc = pending.result()
+            pending = None
+    finally:
+        # Never return while the helper thread still reads a caller's buffer.
+        if pending is not None:
+            concurrent.futures.wait([pending])
+    return crc
+
+
+def _chunks(view: memoryview) -> list[memoryview]:
+    return [view[start : start + _CHUNK] for start in range(0, len(view), _CHUNK)]
+
+
+@dataclasses.dataclass(frozen=True)
+class _WrittenEntry:
+    """What the central directory needs to know about a written member."""
+
+    name: bytes
+    flags: int
+    method: int
+    crc: int
+    compressed_size: int
+    size: int
+    header_offset: int
+
+
+def _discard_temp(file: Any, temp_path: str, pool_box: list[Any]) -> None:
+    """Close and delete an unfinished archive; runs at most once per writer."""
+    for pool in pool_box:
+        pool.shutdown(wait=True)
+    try:
+        file.close()
+    except OSError:
+        pass
+    try:
+        os.unlink(temp_path)
+    except FileNotFoundError:
+        pass
+
+
+def _fsync_folder(folder: str) -> None:
+    """Make a rename in `folder` durable, where the platform supports that."""
+    if not hasattr(os, "O_DIRECTORY"):
+        return  # Windows cannot open folders; its rename is durable enough.
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        # Some filesystems cannot sync a folder at all; that is not a failure
+        # of this archive.
+        if exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EBADF):
+            raise
+    finally:
+        os.close(fd)
+
+
+class ArchiveWriter:
+    """Writes a zip atomically: a temp file in the target's folder, fsync, os.replace, fsync of the folder.
+
+    Use it as a context manager: leaving the block normally commits, leaving
+    it with an exception aborts and leaves any previous file at `path`
+    untouched. Member names must pass `is_safe_member_name` and be unique;
+    otherwise `ArchiveError` is raised, since the reader would refuse them.
+
+    `zip64_threshold` exists for tests: sizes and offsets at or above it (and
+    member counts at or above min(it, 65535)) are written with ZIP64 records.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, zip64_threshold: int = _MAX32):
+        self._path = os.fsdecode(path)
+        self._folder, base = os.path.split(os.path.abspath(self._path))
+        self._zip64_threshold = min(zip64_threshold, _MAX32)
+        self._zip64_count_threshold = min(zip64_threshold, _MAX16)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+        for _ in range(100):
+            temp_path = os.path.join(self._folder, f".{base}.tmp-{secrets.token_hex(6)}")
+            try:
+                # 0o666 (less the umask) gives the archive the permissions any
+                # other new file would get; mkstemp would force 0o600.
+                fd = os.open(temp_path, flags, 0o666)
+            except FileExistsError:
+                continue
+            break
+        else:
+            raise FileExistsError(f"cannot create a temporary file next to {self._path}")
+        self._temp_path = temp_path
+        self._file = open(fd, "wb", buffering=0)
+        self._pool_box: list[concurrent.futures.ThreadPoolExecutor] = []
+        # Deletes the temp file even if the writer is dropped without
+        # commit() or abort(), so no stray ".NAME.tmp-*" files pile up.
+        self._finalizer = weakref.finalize(
+            self, _discard_temp, self._file, temp_path, self._pool_box
+        )
+        self._offset = 0
+        self._entries: list[_WrittenEntry] = []
+        self._names: set[str] = set()
+        self._closed = False
+        self._failed = False
+
+    def __enter__(self) -> ArchiveWriter:
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, traceback: object) -> None:
+        if self._closed:
+            return  # committed or aborted explicitly inside the block
+        if exc_type is None:
+            self.commit()
+        else:
+            self.abort()
+
+    def add_bytes(self, name: str, data: bytes, *, compress: bool = False) -> None:
+        """Add a member holding `data`, deflated when `compress` is true.
+
+        Data that does not shrink, or that shrinks so much that a default
+        `Limits` would take it for a zip bomb, is stored instead.
+        """
+        self._check_open()
+        encoded = self._claim(name)
+        view = _byte_view(data, writable=False)
+        if compress:
+            packer = zlib.compressobj(6, zlib.DEFLATED, -15)
+            packed = packer.compress(view) + packer.flush()
+            size = len(view)
+            looks_like_bomb = size > _RATIO_FLOOR and size > Limits.max_compression_ratio * len(
+                packed
+            )
+            if len(packed) < size and not looks_like_bomb:
+                self._guarded(self._write_deflated, encoded, packed, zlib.crc32(view), size)
+                return
+        self._guarded(self._write_stored, encoded, view)
+
+    def add_buffer(self, name: str, buffer: Any) -> None:
+        """Add a stored member holding the bytes of a C-contiguous buffer.
+
+        Accepts numpy arrays (any dtype but object), memoryviews and bytes.
+        The data starts at a file offset that is a multiple of `ALIGNMENT`,
+        and it is written in chunks straight from `buffer`, without a copy.
+        """
+        self._check_open()
+        encoded = self._claim(name)
+        self._guarded(self._write_stored, encoded, _byte_view(buffer, writable=False))
+
+    def commit(self) -> None:
+        """Finish the archive and move it into place; the writer is then closed."""
+        self._check_open()
+        if self._failed:
+            self.abort()
+            raise ValueError("an earlier write to this archive failed; it was discarded")
+        try:
+            self._write_central_directory()
+            os.fsync(self._file.fileno())
+            self._file.close()
+            os.replace(self._temp_path, self._path)
+            self._finalizer.detach()
+            self._closed = True
+            for pool in self._pool_box:
+                pool.shutdown(wait=True)
+            _fsync_folder(self._folder)
+        except BaseException:
+            self.abort()
+            raise
+
+    def abort(self) -> None:
+        """Delete the unfinished archive; a previous file at the target stays."""
+        self._closed = True
+        self._finalizer()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ValueError("this archive writer is already committed or aborted")
+
+    def _claim(self, name: str) -> bytes:
+        problem = _name_problem(name, _DEFAULT_MAX_NAME_LENGTH)
+        if problem is not None:
+            raise ArchiveError(f"cannot add member {_show(str(name))}: its name {problem}")
+        if name in self._names:
+            raise ArchiveError(f"cannot add member {_show(name)}: the archive already has it")
+        self._names.add(name)
+        return name.encode("utf-8")
+
+    def _guarded(self, write: Callable[..., None], *args: Any) -> None:
+        # A write that fails halfway leaves the temp file inconsistent, so
+        # remember it and refuse to commit rather than publish a broken zip.
+        try:
+            write(*args)
+        except BaseException:
+            self._failed = True
+            raise
+
+    def _pool(self) -> concurrent.futures.ThreadPoolExecutor:
+        if not self._pool_box:
+            self._pool_box.append(
+                concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="reprokit-crc")
+            )
+        return self._pool_box[0]
+
+    def _write_all(self, data: bytes | memoryview) -> None:
+        view = memoryview(data)
+        while len(view):
+            written = self._file.write(view)
+            view = view[written:]
+        self._offset += len(data)
+
+    def _local_header(
+        self, name: bytes, method: int, crc: int, compressed_size: int, size: int, align: bool
+    ) -> bytes:
+        zip64 = max(size, compressed_size) >= self._zip64_threshold
+        extra = b""
+        if zip64:
+            extra = (
+                _EXTRA_HEADER.pack(_EXTRA_ZIP64, 16) + _U64.pack(size) + _U64.pack(compressed_size)
+            )
+        if align:
+            data_offset = self._offset + _LOCAL.size + len(name) + len(extra)
+            padding = -data_offset % ALIGNMENT
+            if 0 < padding < _ALIGNMENT_RECORD_MIN:
+                padding += ALIGNMENT
+            if padding:
+                extra += _EXTRA_HEADER.pack(_EXTRA_ALIGNMENT, padding - 4)
+                extra += _U16.pack(ALIGNMENT) + bytes(padding - _ALIGNMENT_RECORD_MIN)
+        return (
+            _LOCAL.pack(
+                _SIG_LOCAL,
+                _VERSION_ZIP64 if zip64 else _VERSION_DEFAULT,
+                _flags(name),
+                method,
+                _DOS_TIME,
+                _DOS_DATE,
+                crc,
+                _MAX32 if zip64 else compressed_size,
+                _MAX32 if zip64 else size,
+                len(name),
+                len(extra),
+            )
+            + name
+            + extra
+        )
+
+    def _write_stored(self, name: bytes, view: memoryview) -> None:
+        header_offset = self._offset
+        size = len(view)
+        if size < _PIPELINE_MIN:
+            crc = zlib.crc32(view)
+            header = self._local_header(name, _STORED, crc, size, size, align=True)
+            if size <= _COALESCE_MAX:
+                # One write per tiny member keeps archives of many of them fast.
+                self._write_all(header + view)
+            else:
+                self._write_all(header)
+                self._write_all(view)
+        else:
+            # The CRC is only known once the data is written: write a
+            # placeholder, then patch the header's CRC field.
+            self._write_all(self._local_header(name, _STORED, 0, size, size, align=True))
+            crc = _crc_pipelined(
+                _chunks(view), self._write_all, self._pool(), crc_after_transfer=False
+            )
+            self._file.seek(header_offset + 14)
+            self._file.write(_U32.pack(crc))
+            self._file.seek(self._offset)
+        self._entries.append(
+            _WrittenEntry(name, _flags(name), _STORED, crc, size, size, header_offset)
+        )
+
+    def _write_deflated(self, name: bytes, packed: bytes, crc: int, size: int) -> None:
+        header_offset = self._offset
+        header = self._local_header(name, _DEFLATED, crc, len(packed), size, align=False)
+        self._write_all(header + packed)
+        self._entries.append(
+            _WrittenEntry(name, _flags(name), _DEFLATED, crc, len(packed), size, header_offset)
+        )
+
+    def _central_record(self, entry: _WrittenEntry) -> bytes:
+        limit = self._zip64_threshold
+        fields = [entry.size, entry.compressed_size, entry.header_offset]
+        overflow = [value for value in fields if value >= limit]
+        extra = b""
+        if overflow:
+            extra = _EXTRA_HEADER.pack(_EXTRA_ZIP64, 8 * len(overflow))
+            extra += b"".join(_U64.pack(value) for value in overflow)
+        size, compressed_size, header_offset = (
+            _MAX32 if value >= limit else value for value in fields
+        )
+        return (
+            _CENTRAL.pack(
+                _SIG_CENTRAL,
+                _VERSION_MADE_BY,
+                _VERSION_ZIP64 if overflow else _VERSION_DEFAULT,
+                entry.flags,
+                entry.method,
+                _DOS_TIME,
+                _DOS_DATE,
+                entry.crc,
+                compressed_size,
+                size,
+                len(entry.name),
+                len(extra),
+                0,
+                0,
+                0,
+                _REGULAR_FILE_ATTR,
+                header_offset,
+            )
+            + entry.name
+            + extra
+        )
+
+    def _write_central_directory(self) -> None:
+        cd_offset = self._offset
+        self._write_all(b"".join(self._central_record(entry) for entry in self._entries))
+        cd_size = self._offset - cd_offset
+        count = len(self._entries)
+        count_overflows = count >= self._zip64_count_threshold
+        size_overflows = cd_size >= self._zip64_threshold
+        offset_overflows = cd_offset >= self._zip64_threshold
+        if count_overflows or size_overflows or offset_overflows:
+            eocd64_offset = self._offset
+            self._write_all(
+                _EOCD64.pack(
+                    _SIG_EOCD64,
+                    _EOCD64.size - 12,
+                    _VERSION_MADE_BY,
+                    _VERSION_ZIP64,
+                    0,
+                    0,
+                    count,
+                    count,
+                    cd_size,
+                    cd_offset,
+                )
+                + _LOCATOR64.pack(_SIG_LOCATOR64, 0, eocd64_offset, 1)
+            )
+        short_count = _MAX16 if count_overflows else count
+        self._write_all(
+            _EOCD.pack(
+                _SIG_EOCD,
+                0,
+                0,
+                short_count,
+                short_count,
+                _MAX32 if size_overflows else cd_size,
+                _MAX32 if offset_overflows else cd_offset,
+                0,
+            )
+        )
+
+
+def _flags(name: bytes) -> int:
+    return 0 if name.isascii() else _FLAG_UTF8
+
+
+@dataclasses.dataclass(frozen=True)
+class _Member:
+    """A validated member: where its data is and what it must look like."""
+
+    name: str
+    raw_name: bytes
+    method: int
+    flags: int
+    crc: int
+    compressed_size: int
+    size: int
+    header_offset: int
+    data_offset: int = -1
+
+
+class ArchiveReader:
+    """Opens an untrusted archive and validates all of its structure before any member is used.
+
+    Opening parses the end records, the whole central directory and every
+    local header, and raises `ArchiveError` for anything unsafe or
+    inconsistent. Reading a member then verifies its size and CRC-32.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], limits: Limits | None = None):
+        self._path = os.fsdecode(path)
+        self._limits = limits if limits is not None else Limits()
+        self._lock = threading.Lock()
+        self._pool_box: list[concurrent.futures.ThreadPoolExecutor] = []
+        try:
+            self._file = open(self._path, "rb", buffering=0)
+        except OSError as exc:
+            raise ArchiveError(f"cannot open archive {self._path}: {exc.strerror or exc}") from exc
+        try:
+            self._members = self._load()
+        except ArchiveError:
+            self.close()
+            raise
+        except (OSError, ValueError, struct.error, IndexError, OverflowError) as exc:
+            # A safety net: every expected problem has its own message above.
+            self.close()
+            raise ArchiveError(f"archive is corrupted or unreadable: {exc}") from exc
+        self.names: list[str] = list(self._members)
+
+    def __enter__(self) -> ArchiveReader:
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, traceback: object) -> None:
+        self.close()
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._members
+
+    def close(self) -> None:
+        """Release the file; further reads fail."""
+        for pool in self._pool_box:
+            pool.shutdown(wait=True)
+        self._pool_box.clear()
+        self._file.close()
+
+    def size(self, name: str) -> int:
+        """The uncompressed size of member `name` in bytes."""
+        return self._member(name).size
+
+    def read_bytes(self, name: str) -> bytes:
+        """Read a whole (small) member into memory, verifying its size and CRC.
+
+        Refuses members declaring more than `Limits.max_small_member_bytes`.
+        Deflated members are inflated with a bounded decompressor that never
+        produces more than the declared size (plus one byte to notice a lie).
+        """
+        member = self._member(name)
+        limit = self._limits.max_small_member_bytes
+        if member.size > limit:
+            raise ArchiveError(
+                f"member {_show(name)} is too large to read into memory "
+                f"({member.size} bytes; the limit is {limit})"
+            )
+        if member.method == _STORED:
+            data = self._read_range(member, member.data_offset, member.size)
+        else:
+            data = self._inflate(member)
+        if zlib.crc32(data) != member.crc:
+            raise ArchiveError(f"member {_show(name)} is corrupted (CRC mismatch)")
+        return data
+
+    def read_into(self, name: str, out: Any) -> None:
+        """Read a stored member into `out`, a writable buffer of exactly its size.
+
+        The data goes straight from the file into `out`; its CRC-32 is then
+        checked. On error the contents of `out` are undefined.
+        """
+        member = self._member(name)
+        if member.method != _STORED:
+            raise ArchiveError(f"member {_show(name)} is compressed, but array data must be stored")
+        view = _byte_view(out, writable=True)
+        if len(view) != member.size:
+            raise ArchiveError(
+                f"member {_show(name)} holds {member.size} bytes, "
+                f"but the buffer for it has {len(view)}"
+            )
+        with self._lock:
+            self._seek(member, member.data_offset)
+
+            def fill(chunk: memoryview) -> None:
+                self._readinto_exact(member, chunk)
+
+            if member.size < _PIPELINE_MIN:
+                fill(view)
+                crc = zlib.crc32(view)
+            else:
+                crc = _crc_pipelined(_chunks(view), fill, self._pool(), crc_after_transfer=True)
+        if crc != member.crc:
+            raise ArchiveError(f"member {_show(name)} is corrupted (CRC mismatch)")
+
+    def read_aligned(self, name: str) -> np.ndarray:
+        """Read a stored member into a new uint8 array whose data is `ALIGNMENT`-aligned."""
+        size = self._member(name).size
+        backing = np.empty(size + ALIGNMENT, dtype=np.uint8)
+        start = -backing.ctypes.data % ALIGNMENT
+        # Not backing[start:...]: numpy moves an empty slice's pointer back to
+        # the base, and callers may check alignment even for empty members.
+        array = np.ndarray((size,), np.uint8, buffer=backing, offset=start)
+        self.read_into(name, array)
+        return array
+
+    def sha256(self) -> str:
+        """The SHA-256 of the whole archive file, as hex, read in chunks."""
+        digest = hashlib.sha256()
+        buffer = memoryview(bytearray(2**20))
+        try:
+            with self._lock:
+                self._file.seek(0)
+                while count := self._file.readinto(buffer):
+                    digest.update(buffer[:count])
+        except OSError as exc:
+            raise ArchiveError(f"cannot read archive: {exc.strerror or exc}") from exc
+        return digest.hexdigest()
+
+    # -- reading helpers ---------------------------------------------------
+
+    def _member(self, name: str) -> _Member:
+        if self._file.closed:
+            raise ValueError("this archive is closed")
+        try:
+            return self._members[name]
+        except KeyError:
+            raise ArchiveError(f"archive has no member {_show(str(name))}") from None
+
+    def _pool(self) -> concurrent.futures.ThreadPoolExecutor:
+        if not self._pool_box:
+            self._pool_box.append(
+                concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="reprokit-crc")
+            )
+        return self._pool_box[0]
+
+    def _seek(self, member: _Member, offset: int) -> None:
+        try:
+            self._file.seek(offset)
+        except OSError as exc:
+            raise ArchiveError(
+                f"cannot read member {_show(member.name)}: {exc.strerror or exc}"
+            ) from exc
+
+    def _readinto_exact(self, member: _Member, view: memoryview) -> None:
+        try:
+            while len(view):
+                count = self._file.readinto(view)
+                if not count:
+                    raise ArchiveError(
+                        f"member {_show(member.name)} is truncated (the archive ends early)"
+                    )
+                view = view[count:]
+        except OSError as exc:
+            raise ArchiveError(
+                f"cannot read member {_show(member.name)}: {exc.strerror or exc}"
+            ) from exc
+
+    def _read_range(self, member: _Member, offset: int, length: int) -> bytes:
+        parts = []
+        missing = length
+        try:
+            with self._lock:
+                self._seek(member, offset)
+                # FileIO.read fills a new bytes object directly: no extra copy
+                # unless the system returns a short read.
+                while missing:
+                    part = self._file.read(missing)
+                    if not part:
+                        raise ArchiveError(
+                            f"member {_show(member.name)} is truncated (the archive ends early)"
+                        )
+                    parts.append(part)
+                    missing -= len(part)
+        except OSError as exc:
+            raise ArchiveError(
+                f"cannot read member {_show(member.name)}: {exc.strerror or exc}"
+            ) from exc
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def _inflate(self, member: _Member) -> bytes:
+        shown = _show(member.name)
+        inflater = zlib.decompressobj(-15)
+        output = bytearray()
+        consumed = 0
+        try:
+            while consumed < member.compressed_size and not inflater.eof:
+                length = min(_CHUNK, member.compressed_size - consumed)
+                pending = self._read_range(member, member.data_offset + consumed, length)
+                consumed += length
+                while pending and not inflater.eof:
+                    # Ask for one byte more than declared, to notice a lie
+                    # without ever holding more than that.
+                    output += inflater.decompress(pending, member.size - len(output) + 1)
+                    if len(output) > member.size:
+                        raise ArchiveError(
+                            f"member {shown} is corrupted (it inflates beyond its declared size)"
+                        )
+                    pending = inflater.unconsumed_tail
+        except zlib.error as exc:
+            raise ArchiveError(f"member {shown} is corrupted (invalid deflate data)") from exc
+        if not inflater.eof:
+            raise ArchiveError(f"member {shown} is corrupted (its deflate data is cut short)")
+        if consumed < member.compressed_size or inflater.unused_data:
+            raise ArchiveError(f"member {shown} is corrupted (data after its deflate stream)")
+        if len(output) != member.size:
+            raise ArchiveError(
+                f"member {shown} is corrupted (size mismatch: {len(output)} bytes, "
+                f"{member.size} declared)"
+            )
+        return bytes(output)
+
+    # -- validation at open ------------------------------------------------
+
+    def _pread(self, offset: int, length: int) -> bytes:
+        """Read exactly `length` bytes at `offset`, or fewer at end of file."""
+        with self._lock:
+            self._file.seek(offset)
+            data = self._file.read(length) or b""
+            while len(data) < length:
+                more = self._file.read(length - len(data))
+                if not more:
+                    break
+                data += more
+        return data
+
+    def _load(self) -> dict[str, _Member]:
+        file_size = os.fstat(self._file.fileno()).st_size
+        if file_size == 0:
+            raise ArchiveError("archive is empty (0 bytes)")
+        count, cd_offset, cd_size = self._find_central_directory(file_size)
+        limits = self._limits
+        if count == 0:
+            raise ArchiveError("archive is empty (it has no members)")
+        if count > limits.max_members:
+            raise ArchiveError(
+                f"archive has {count} members; the limit is {limits.max_members} "
+                f"(raise it only for an archive you trust)"
+            )
+        entry_max = _CENTRAL.size + 4 * limits.max_name_length + 2 * _MAX_ENTRY_EXTRA
+        if not count * _CENTRAL.size <= cd_size <= count * entry_max:
+            raise ArchiveError(
+                "archive is corrupted (its central directory size does not fit its member count)"
+            )
+        directory = self._pread(cd_offset, cd_size)
+        if len(directory) != cd_size:
+            raise ArchiveError("archive is truncated (central directory cut short)")
+        members = self._parse_central_directory(directory, count)
+        return self._check_local_headers(members, cd_offset)
+
+    def _find_central_directory(self, file_size: int) -> tuple[int, int, int]:
+        """Locate the central directory through the (ZIP64) end records."""
+        tail_start = max(0, file_size - _EOCD.size - _MAX16)
+        tail = self._pread(tail_start, file_size - tail_start)
+        signature = _U32.pack(_SIG_EOCD)
+        position = tail.rfind(signature)
+        # The real record is the one whose comment ends exactly at end of
+        # file; a signature-like byte run inside a comment is skipped.
+        while position >= 0:
+            if position + _EOCD.size <= len(tail):
+                comment_length = _U16.unpack_from(tail, position + 20)[0]
+                if position + _EOCD.size + comment_length == len(tail):
+                    break
+            position = tail.rfind(signature, 0, position)
+        if position < 0:
+            head = self._pread(0, 4)
+            if head in (_U32.pack(_SIG_LOCAL), signature):
+                raise ArchiveError(
+                    "archive is truncated or corrupted (no end of central directory record)"
+                )
+            raise ArchiveError("not a zip archive")
+        eocd_offset = tail_start + position
+        (_, disk, cd_disk, disk_count, count, cd_size, cd_offset, _) = _EOCD.unpack_from(
+            tail, position
+        )
+
+        overflowed = _MAX16 in (disk, cd_disk, disk_count, count) or _MAX32 in (cd_size, cd_offset)
+        locator_offset = eocd_offset - _LOCATOR64.size
+        locator = self._pread(locator_offset, _LOCATOR64.size) if locator_offset >= 0 else b""
+        has_locator = (
+            len(locator) == _LOCATOR64.size and _U32.unpack_from(locator)[0] == _SIG_LOCATOR64
+        )
+        cd_end = eocd_offset
+        # Some writers (zipfile among them) add ZIP64 end records for offsets
+        # between 2 and 4 GiB without overflowing a field, so the locator also
+        # counts when the classic fields do not add up.
+        if overflowed or (has_locator and cd_offset + cd_size != eocd_offset):
+            if not has_locator:
+                raise ArchiveError("archive is truncated or corrupted (ZIP64 locator missing)")
+            _, locator_disk, eocd64_offset, total_disks = _LOCATOR64.unpack(locator)
+            if locator_disk != 0 or total_disks > 1:
+                raise ArchiveError("archive spans multiple disks, which is not supported")
+            if eocd64_offset + _EOCD64.size > locator_offset:
+                raise ArchiveError("archive is corrupted (ZIP64 end record out of place)")
+            record = self._pread(eocd64_offset, _EOCD64.size)
+            (
+                sig,
+                record_size,
+                _,
+                _,
+                disk64,
+                cd_disk64,
+                disk_count64,
+                count64,
+                cd_size64,
+                cd_offset64,
+            ) = _EOCD64.unpack(record)
+            if sig != _SIG_EOCD64 or eocd64_offset + 12 + record_size != locator_offset:
+                raise ArchiveError("archive is corrupted (bad ZIP64 end record)")
+            pairs = [
+                (disk, disk64, _MAX16),
+                (cd_disk, cd_disk64, _MAX16),
+                (disk_count, disk_count64, _MAX16),
+                (count, count64, _MAX16),
+                (cd_size, cd_size64, _MAX32),
+                (cd_offset, cd_offset64, _MAX32),
+            ]
+            # A field that did not overflow must agree with its ZIP64 copy,
+            # or two tools could see two different archives.
+            if any(short not in (full, limit) for short, full, limit in pairs):
+                raise ArchiveError("archive is corrupted (end records disagree)")
+            disk, cd_disk, disk_count, count = disk64, cd_disk64, disk_count64, count64
+            cd_size, cd_offset = cd_size64, cd_offset64
+            cd_end = eocd64_offset
+        if disk != 0 or cd_disk != 0 or disk_count != count:
+            raise ArchiveError("archive spans multiple disks, which is not supported")
+        if cd_offset + cd_size != cd_end:
+            # Also refuses data prepended to the archive (self-extractors):
+            # offsets in a reprokit archive are always absolute.
+            raise ArchiveError(
+                "archive is truncated or corrupted (central directory not where the end record says)"
+            )
+        return count, cd_offset, cd_size
+
+    def _parse_central_directory(self, directory: bytes, count: int) -> dict[str, _Member]:
+        limits = self._limits
+        members: dict[str, _Member] = {}
+        total = 0
+        position = 0
+        for index in range(count):
+            if position + _CENTRAL.size > len(directory):
+                raise ArchiveError("archive is corrupted (central directory cut short)")
+            (
+                signature,
+                _made_by,
+                _needed,
+                flags,
+                method,
+                _time,
+                _date,
+                crc,
+                compressed_size,
+                size,
+                name_length,
+                extra_length,
+                comment_length,
+                disk,
+                _internal,
+                external,
+                header_offset,
+            ) = _CENTRAL.unpack_from(directory, position)
+            if signature != _SIG_CENTRAL:
+                raise ArchiveError(
+                    f"archive is corrupted (central directory entry {index} has a bad signature)"
+                )
+            name_start = position + _CENTRAL.size
+            extra_start = name_start + name_length
+            position = extra_start + extra_length + comment_length
+            if position > len(directory):
+                raise ArchiveError(
+                    f"archive is corrupted (central directory entry {index} is cut short)"
+                )
+            if extra_length > _MAX_ENTRY_EXTRA or comment_length > _MAX_ENTRY_EXTRA:
+                raise ArchiveError(
+                    f"central directory entry {index} has an oversized extra field or comment"
+                )
+            raw_name = directory[name_start:extra_start]
+            name = _decode_name(raw_name, flags, index)
+            shown = _show(name)
+
+            mode = external >> 16
+            if name.endswith("/") or external & _MSDOS_DIRECTORY_ATTR or stat.S_ISDIR(mode):
+                raise ArchiveError(
+                    f"member {shown} is a directory entry; archives may only hold files"
+                )
+            problem = _name_problem(name, limits.max_name_length)
+            if problem is not None:
+                raise ArchiveError(f"member {shown} has an unsafe name: it {problem}")
+            if name in members:
+                raise ArchiveError(f"member {shown} appears more than once")
+            file_type = stat.S_IFMT(mode)
+            if file_type and file_type != stat.S_IFREG:
+                kind = _FILE_TYPES.get(file_type, "not a regular file")
+                raise ArchiveError(f"member {shown} is {kind}; archives may only hold files")
+            if flags & _ANY_ENCRYPTION:
+                raise ArchiveError(f"member {shown} is encrypted, which is not supported")
+            if method not in (_STORED, _DEFLATED):
+                raise ArchiveError(
+                    f"member {shown} uses compression method {method}; "
+                    f"only stored (0) and deflate (8) are supported"
+                )
+
+            if _MAX32 in (size, compressed_size, header_offset) or disk == _MAX16:
+                extra = directory[extra_start : extra_start + extra_length]
+                size, compressed_size, header_offset, disk = _apply_zip64(
+                    extra, size, compressed_size, header_offset, disk, shown
+                )
+            if disk != 0:
+                raise ArchiveError("archive spans multiple disks, which is not supported")
+            if method == _STORED and compressed_size != size:
+                raise ArchiveError(
+                    f"member {shown} is corrupted (stored, but its two sizes differ)"
+                )
+            if (
+                method == _DEFLATED
+                and size > _RATIO_FLOOR
+                and size > limits.max_compression_ratio * max(compressed_size, 1)
+            ):
+                raise ArchiveError(
+                    f"member {shown} has a compression ratio over "
+                    f"{limits.max_compression_ratio:g} (a likely zip bomb)"
+                )
+            total += size
+            if total > limits.max_total_bytes:
+                raise ArchiveError(
+                    f"archive declares more than {limits.max_total_bytes} bytes of member data "
+                    f"(the limit; raise it only for an archive you trust)"
+                )
+            members[name] = _Member(
+                name, raw_name, method, flags, crc, compressed_size, size, header_offset
+            )
+        if position != len(directory):
+            raise ArchiveError(
+                "archive is corrupted (central directory has data after its last entry)"
+            )
+        return members
+
+    def _check_local_headers(
+        self, members: dict[str, _Member], cd_offset: int
+    ) -> dict[str, _Member]:
+        """Check each local header against the central directory, and data ranges."""
+        checked: dict[str, _Member] = {}
+        previous_end = 0
+        previous: _Member | None = None
+        for member in sorted(members.values(), key=lambda m: m.header_offset):
+            shown = _show(member.name)
+            header_length = _LOCAL.size + len(member.raw_name)
+            if member.header_offset + header_length > cd_offset:
+                raise ArchiveError(
+                    f"member {shown} is corrupted (its local header lies outside the data area)"
+                )
+            if member.header_offset < previous_end:
+                assert previous is not None
+                raise ArchiveError(
+                    f"member {shown} overlaps member {_show(previous.name)} "
+                    f"(a likely zip bomb or tampering)"
+                )
+            header = self._pread(member.header_offset, header_length)
+            if len(header) != header_length:
+                raise ArchiveError(f"member {shown} is truncated (local header cut short)")
+            (
+                signature,
+                _needed,
+                flags,
+                method,
+                _time,
+                _date,
+                crc,
+                compressed_size,
+                size,
+                name_length,
+                extra_length,
+            ) = _LOCAL.unpack_from(header)
+            if signature != _SIG_LOCAL:
+                raise ArchiveError(f"member {shown} is corrupted (bad local header signature)")
+            if name_length != len(member.raw_name) or header[_LOCAL.size :] != member.raw_name:
+                raise ArchiveError(
+                    f"member {shown} is corrupted (its local header names another file)"
+                )
+            if flags & _ANY_ENCRYPTION:
+                raise ArchiveError(f"member {shown} is encrypted, which is not supported")
+            if method != member.method:
+                raise ArchiveError(
+                    f"member {shown} is corrupted (local header and central directory "
+                    f"disagree on compression)"
+                )
+            if not flags & _FLAG_DATA_DESCRIPTOR and (
+                crc != member.crc
+                or compressed_size not in (member.compressed_size, _MAX32)
+                or size not in (member.size, _MAX32)
+            ):
+                raise ArchiveError(
+                    f"member {shown} is corrupted (local header and central directory "
+                    f"disagree on its size or CRC)"
+                )
+            data_offset = member.header_offset + header_length + extra_length
+            data_end = data_offset + member.compressed_size
+            if data_end > cd_offset:
+                raise ArchiveError(
+                    f"member {shown} is corrupted or truncated (its data runs past the data area)"
+                )
+            checked[member.name] = dataclasses.replace(member, data_offset=data_offset)
+            previous_end, previous = data_end, member
+        # Keep central directory order: that is the archive's order.
+        return {name: checked[name] for name in members}
+
+
+def _decode_name(raw_name: bytes, flags: int, index: int) -> str:
+    """Decode a member name the way zipfile and unzip do (UTF-8 or cp437)."""
+    if flags & _FLAG_UTF8:
+        try:
+            return raw_name.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ArchiveError(
+                f"central directory entry {index} has a name that is not valid UTF-8"
+            ) from None
+    return raw_name.decode("cp437")
+
+
+def _apply_zip64(
+    extra: bytes, size: int, compressed_size: int, header_offset: int, disk: int, shown: str
+) -> tuple[int, int, int, int]:
+    """Replace overflowed central directory fields with their ZIP64 values."""
+    position = 0
+    record: bytes | None = None
+    while position + _EXTRA_HEADER.size <= len(extra):
+        kind, length = _EXTRA_HEADER.unpack_from(extra, position)
+        start = position + _EXTRA_HEADER.size
+        position = start + length
+        if position > len(extra):
+            raise ArchiveError(f"member {shown} is corrupted (malformed extra field)")
+        if kind == _EXTRA_ZIP64:
+            if record is not None:
+                raise ArchiveError(f"member {shown} is corrupted (two ZIP64 extra fields)")
+            record = extra[start:position]
+    if record is None:
+        raise ArchiveError(f"member {shown} is corrupted (ZIP64 extra field missing)")
+    values = [size, compressed_size, header_offset]
+    cursor = 0
+    for slot, value in enumerate(values):
+        if value == _MAX32:
+            if cursor + 8 > len(record):
+                raise ArchiveError(f"member {shown} is corrupted (ZIP64 extra field too short)")
+            values[slot] = _U64.unpack_from(record, cursor)[0]
+            cursor += 8
+    if disk == _MAX16:
+        if cursor + 4 > len(record):
+            raise ArchiveError(f"member {shown} is corrupted (ZIP64 extra field too short)")
+        disk = _U32.unpack_from(record, cursor)[0]
+    return values[0], values[1], values[2], disk
