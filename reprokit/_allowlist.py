@@ -94,7 +94,7 @@ def _jax_callable_types() -> tuple[type, ...]:
             type(jax.nn.silu),  # jitted function
             np.ufunc,
         )
-        + tuple({type(jax.numpy.sin), type(jax.custom_vjp(lambda x: x))})
+        + tuple({type(jax.numpy.sin), type(jax.numpy.negative), type(jax.custom_vjp(lambda x: x))})
     )
 
 

@@ -246,8 +246,10 @@ class Decoder:
             if not isinstance(item, list) or len(item) != 2:
                 raise ArchiveError("structure has a malformed dict entry")
             key = self.decode(item[0], depth)
-            if not isinstance(key, (str, int, float, bool, tuple, type(None))):
-                raise ArchiveError("structure has a dict key that is not a plain value")
+            try:
+                hash(key)  # keys are plain values or frozen allow-listed dataclasses
+            except TypeError:
+                raise ArchiveError("structure has a dict key that is not hashable") from None
             pairs.append((key, self.decode(item[1], depth)))
         return pairs
 

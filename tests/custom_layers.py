@@ -33,3 +33,16 @@ class RaisesOnLongSequences(pz.nn.Layer):
         if x.named_shape["seq"] > self.limit:
             raise ValueError(f"sequence length {x.named_shape['seq']} exceeds limit {self.limit}")
         return x
+
+
+@pz.pytree_dataclass
+class Repeat(pz.nn.Layer):
+    """Calls its body `times` times in a row, so one selected layer sees several calls."""
+
+    body: pz.nn.Layer
+    times: int = dataclasses.field(metadata={"pytree_node": False})
+
+    def __call__(self, x, /, **side_inputs):
+        for _ in range(self.times):
+            x = self.body(x, **side_inputs)
+        return x
