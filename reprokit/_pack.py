@@ -101,6 +101,38 @@ def pack(
         )
     capture = capture_calls(selection, argument, dict(side_inputs or {}), mode)
     record = choose_call(capture, call)
+    return write_archive(
+        record,
+        out=out,
+        keypath=capture.keypath,
+        layer_type=capture.layer_type,
+        mode=capture.mode,
+        call_count=len(capture.calls),
+        note=note,
+        signature=signature,
+        allow_modules=allow_modules,
+    )
+
+
+def write_archive(
+    record: CallRecord,
+    *,
+    out: str | os.PathLike,
+    keypath: str,
+    layer_type: str,
+    mode: str,
+    call_count: int = 1,
+    note: str = "",
+    signature: str | None = None,
+    allow_modules: tuple[str, ...] | list[str] = (),
+    extra_manifest: dict | None = None,
+) -> PackResult:
+    """Writes one captured call as an archive (the part of `pack` after capture).
+
+    `extra_manifest` adds JSON fields to the manifest (e.g. how the layer was
+    found); they must not collide with the format's own fields.
+    """
+    out = os.fspath(out)
     try:
         sig = detect_signature(record.outcome, signature)
     except ValueError as error:
@@ -116,9 +148,9 @@ def pack(
         "reprokit_version": _format.reprokit_version(),
         "created": datetime.datetime.now(datetime.UTC).replace(microsecond=0).isoformat(),
         "note": scrub_text(note or ""),
-        "layer": {"keypath": capture.keypath, "type": capture.layer_type},
-        "call": {"index": record.index, "count": len(capture.calls)},
-        "mode": capture.mode,
+        "layer": {"keypath": keypath, "type": layer_type},
+        "call": {"index": record.index, "count": call_count},
+        "mode": mode,
         "signature": sig,
         "exception_traceback": [
             scrub_text(line) for line in (record.exception or {}).get("traceback", [])
@@ -127,15 +159,19 @@ def pack(
         "arrays": {"count": len(arrays), "bytes": sum(d["nbytes"] for d in tree["arrays"])},
         "environment": capture_environment(),
     }
+    for key, value in (extra_manifest or {}).items():
+        if key in manifest:
+            raise ValueError(f"extra manifest field {key!r} collides with a format field")
+        manifest[key] = value
     _write(out, manifest, tree, arrays)
     return PackResult(
         path=out,
         signature=sig,
-        keypath=capture.keypath,
-        layer_type=capture.layer_type,
+        keypath=keypath,
+        layer_type=layer_type,
         call_index=record.index,
-        call_count=len(capture.calls),
-        mode=capture.mode,
+        call_count=call_count,
+        mode=mode,
         array_count=len(arrays),
         array_bytes=manifest["arrays"]["bytes"],
         size=os.path.getsize(out),
