@@ -81,7 +81,8 @@ def main() -> None:
     """Pack a failing JAX/penzai layer into one .repro.zip that anyone can replay.
 
     \b
-    Reporter:    reprokit pack script.py:make_call --select '.body.sublayers[2]' -o bug.repro.zip
+    Reporter:    reprokit pack script.py:make_call --list
+                 reprokit pack script.py:make_call --select 'MLP.sublayers[2]' -o bug.repro.zip
     Maintainer:  reprokit inspect bug.repro.zip && reprokit run bug.repro.zip
     """
 
@@ -141,6 +142,7 @@ def _select(model, keypath: str):
     )
     if selection.count() == 0:
         known = [kp for kp, _ in _all_layers(model)]
+        known = [kp for kp in known if kp]
         hint = ", ".join(known[:12]) + (" ..." if len(known) > 12 else "")
         raise UsageError(
             f"no subtree at keypath {keypath!r}; layers include: {hint} (see reprokit pack TARGET --list)"
@@ -179,7 +181,7 @@ def _walk_with_keypaths(model):
     "--select",
     "keypath",
     metavar="KEYPATH",
-    help="The layer to pack, as pz.pretty_keystr prints it, e.g. '.body.sublayers[2]'.",
+    help="The layer to pack, as pz.pretty_keystr prints it, e.g. 'MLP.sublayers[2]/Affine.sublayers[0]' (see --list).",
 )
 @click.option(
     "-o", "--out", default=None, metavar="FILE", help="Archive to write [default: LAYER.repro.zip]."
@@ -220,7 +222,8 @@ def pack(target, keypath, out, call, signature, mode, note, list_layers, allow_m
     \b
     Example:
       reprokit pack examples/nan_attention.py:make_call \\
-          --select '.body.sublayers[2].body.sublayers[0].delta.sublayers[1]' -o attn-nan.repro.zip
+          --select 'TransformerLM.body/Sequential.sublayers[2]/TransformerBlock.sublayers[0]/Residual.delta/Sequential.sublayers[1]' \\
+          -o attn-nan.repro.zip
     """
     with _reported_errors(debug, EXIT_PACK_FAILED):
         fn = _load_target(target)
