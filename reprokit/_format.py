@@ -8,6 +8,7 @@ imports neither jax nor penzai: `reprokit inspect` and `verify` use it.
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Any
 
@@ -21,8 +22,9 @@ STRUCTURE = "structure.msgpack"
 REPLAY_SCRIPT = "replay.py"
 README = "README.md"
 REQUIREMENTS = "requirements.txt"
+STABLEHLO = "stablehlo.mlirbc"
 _ARRAY_MEMBER = re.compile(r"arrays/(0|[1-9][0-9]{0,8})\.bin")
-_TEXT_MEMBERS = frozenset({REPLAY_SCRIPT, README, REQUIREMENTS})
+_OPTIONAL_MEMBERS = frozenset({REPLAY_SCRIPT, README, REQUIREMENTS, STABLEHLO})
 
 
 def array_member(index: int) -> str:
@@ -45,7 +47,7 @@ def check_member_names(names: list[str], array_count: int) -> None:
         match = _ARRAY_MEMBER.fullmatch(name)
         if match and int(match.group(1)) < array_count:
             continue
-        if name in (MANIFEST, STRUCTURE) or name in _TEXT_MEMBERS:
+        if name in (MANIFEST, STRUCTURE) or name in _OPTIONAL_MEMBERS:
             continue
         raise ArchiveError(f"archive holds an unexpected member {name[:80]!r}; refused")
     for required in (MANIFEST, STRUCTURE):
@@ -98,7 +100,100 @@ def check_manifest(manifest: Any) -> dict:
     _expect(manifest["arrays"], "count", int, lambda v: 0 <= v < 10**9)
     _expect(manifest, "environment", dict)
     _expect(manifest, "modules", list, lambda v: all(isinstance(m, str) for m in v))
+    _check_details(manifest)
     return manifest
+
+
+def parse_manifest(data: bytes) -> dict:
+    """Parses and checks `manifest.json` strictly; raises ArchiveError naming the problem.
+
+    Stricter than `json.loads`: UTF-8 only, no NaN/Infinity (not JSON, and
+    NaN compares unequal to everything a check might test), and no repeated
+    keys (another reader would see the other value).
+    """
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ArchiveError("manifest.json is not UTF-8 text") from None
+    try:
+        manifest = json.loads(text, parse_constant=_refuse_constant, object_pairs_hook=_unique)
+    except (ValueError, RecursionError):
+        raise ArchiveError("manifest.json is not valid JSON") from None
+    return check_manifest(manifest)
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ArchiveError(f"manifest.json holds {name}, which is not valid JSON")
+
+
+def _unique(pairs: list[tuple[str, Any]]) -> dict:
+    result = dict(pairs)
+    if len(result) != len(pairs):
+        seen: set[str] = set()
+        repeated = next(key for key, _ in pairs if key in seen or seen.add(key))
+        raise ArchiveError(f"manifest.json repeats the key {repeated[:40]!r}")
+    return result
+
+
+# C0/C1 controls other than tab and newline: ESC sequences in a note or a
+# message would be interpreted by the maintainer's terminal when `inspect`
+# prints them (cursor moves hiding text, OSC 52 clipboard writes).
+_TERMINAL_CONTROLS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+# What reprokit run sets before jax starts must never name a place on the
+# maintainer's machine: XLA writes dumps to, or loads kernels and autotuning
+# results from, the locations these flags give. Packing records such values
+# as placeholders, which replay drops.
+_XLA_FLAG = re.compile(r"--xla_[a-z0-9_]+(?:=\S*)?")
+_XLA_LOCATION_FLAG = re.compile(r"(?:_to|_dir|_path|_file|_from|filename)$")
+_PLACEHOLDER = re.compile(r"<(?:home|user|host|redacted|path|uuid)>")
+
+
+def _check_details(manifest: dict) -> None:
+    """The manifest fields that `inspect` and `run` read beyond the required ones."""
+    stack: list[Any] = [manifest]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, dict):
+            stack.extend(value.keys())
+            stack.extend(value.values())
+        elif isinstance(value, list):
+            stack.extend(value)
+        elif isinstance(value, str) and _TERMINAL_CONTROLS.search(value):
+            raise ArchiveError("manifest.json holds a control character (a terminal escape?)")
+    for key in ("index", "count"):
+        if key in manifest["call"]:
+            _expect(manifest["call"], key, int, lambda v: 0 <= v < 2**31)
+    sig = manifest["signature"]
+    if sig["kind"] == "nonfinite":
+        for leaf in sig["leaves"]:
+            for key in ("nan", "posinf", "neginf"):
+                if key in leaf:
+                    _expect(leaf, key, int)
+    if "exception_traceback" in manifest:
+        _expect(manifest, "exception_traceback", list, lambda v: all(isinstance(x, str) for x in v))
+    if "bytes" in manifest["arrays"]:
+        _expect(manifest["arrays"], "bytes", int, lambda v: v >= 0)
+    env = manifest["environment"]
+    for key in ("packages", "backend", "jax_config", "env_vars"):
+        if key in env:
+            _expect(env, key, dict)
+    if "xla_flags" in env:
+        _expect(env, "xla_flags", list)
+        for flag in env["xla_flags"]:
+            if not isinstance(flag, str) or not _XLA_FLAG.fullmatch(flag):
+                raise ArchiveError(f"manifest.json records a malformed XLA flag {str(flag)[:60]!r}")
+            name, _, value = flag.partition("=")
+            if (
+                value
+                and not _PLACEHOLDER.search(value)
+                and (
+                    _XLA_LOCATION_FLAG.search(name) or "/" in value or "\\" in value or "~" in value
+                )
+            ):
+                raise ArchiveError(
+                    f"manifest.json records the XLA flag {flag[:80]!r}, which would make XLA "
+                    "read or write files on this machine; refused"
+                )
 
 
 def _expect(obj: dict, key: str, kind: type, check=lambda v: True) -> None:

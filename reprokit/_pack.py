@@ -21,6 +21,7 @@ from reprokit._arrays import describe
 from reprokit._capture import CallRecord, capture_calls, choose_call
 from reprokit._environment import capture_environment, scrub_text
 from reprokit._errors import CaptureError, UsageError
+from reprokit._issue import GITHUB_ATTACHMENT_LIMIT, write_issue_snippet
 from reprokit._verdict import SIGNATURE_KINDS, detect_signature
 
 
@@ -38,6 +39,8 @@ class PackResult:
     array_count: int
     array_bytes: int
     size: int
+    # The GitHub issue snippet written next to the archive (None: not written).
+    issue_path: str | None = None
 
     def summary(self) -> str:
         """A few lines for the terminal: what was packed and how to replay it."""
@@ -51,6 +54,16 @@ class PackResult:
                 f"  arrays: {self.array_count} ({_format.human_bytes(self.array_bytes)})",
                 f"  replay: reprokit run {name}",
                 f"     or: unzip {name} -d repro && python repro/replay.py",
+                *(
+                    [f"  issue text: {self.issue_path} (paste it into the issue)"]
+                    if self.issue_path
+                    else []
+                ),
+                *(
+                    ["  warning: over GitHub's 25 MB attachment limit; the issue text says what to do"]
+                    if self.size > GITHUB_ATTACHMENT_LIMIT
+                    else []
+                ),
                 "  note: attachments on public repositories can be downloaded by anyone.",
             ]
         )
@@ -101,7 +114,7 @@ def pack(
         )
     capture = capture_calls(selection, argument, dict(side_inputs or {}), mode)
     record = choose_call(capture, call)
-    return write_archive(
+    result = write_archive(
         record,
         out=out,
         keypath=capture.keypath,
@@ -112,6 +125,7 @@ def pack(
         signature=signature,
         allow_modules=allow_modules,
     )
+    return dataclasses.replace(result, issue_path=write_issue_snippet(result.path))
 
 
 def write_archive(
@@ -159,11 +173,16 @@ def write_archive(
         "arrays": {"count": len(arrays), "bytes": sum(d["nbytes"] for d in tree["arrays"])},
         "environment": capture_environment(),
     }
+    stablehlo = None
+    if record.exception is None:
+        from reprokit import _stablehlo
+
+        stablehlo, manifest["stablehlo"] = _stablehlo.export_layer(_record_parts(record))
     for key, value in (extra_manifest or {}).items():
         if key in manifest:
             raise ValueError(f"extra manifest field {key!r} collides with a format field")
         manifest[key] = value
-    _write(out, manifest, tree, arrays)
+    _write(out, manifest, tree, arrays, stablehlo)
     return PackResult(
         path=out,
         signature=sig,
@@ -191,15 +210,7 @@ def _encode_record(record: CallRecord, arrays: list, allow: tuple[str, ...]) -> 
             descriptors.append(desc)
         return index
 
-    parts = {
-        "submodel": record.submodel,
-        "argument": record.argument,
-        "side_inputs": record.side_inputs,
-        "initial_var_values": record.initial_var_values,
-    }
-    if record.exception is None:
-        parts["output"] = record.output
-        parts["final_var_values"] = record.final_var_values
+    parts = _record_parts(record)
     encoded = {
         name: _encoding.encode_tree(value, on_array, where=name, extra_modules=allow)
         for name, value in parts.items()
@@ -231,7 +242,20 @@ def _needed_modules(node: Any) -> set[str]:
     return found
 
 
-def _write(out: str, manifest: dict, tree: dict, arrays: list) -> None:
+def _record_parts(record: CallRecord) -> dict:
+    parts = {
+        "submodel": record.submodel,
+        "argument": record.argument,
+        "side_inputs": record.side_inputs,
+        "initial_var_values": record.initial_var_values,
+    }
+    if record.exception is None:
+        parts["output"] = record.output
+        parts["final_var_values"] = record.final_var_values
+    return parts
+
+
+def _write(out: str, manifest: dict, tree: dict, arrays: list, stablehlo: bytes | None) -> None:
     from reprokit import _script
 
     structure = _encoding.pack_bytes(tree)
@@ -247,3 +271,5 @@ def _write(out: str, manifest: dict, tree: dict, arrays: list) -> None:
         )
         writer.add_bytes(_format.README, _script.render_readme(manifest).encode(), compress=True)
         writer.add_bytes(_format.REQUIREMENTS, _script.render_requirements(manifest).encode())
+        if stablehlo is not None:
+            writer.add_bytes(_format.STABLEHLO, stablehlo, compress=True)

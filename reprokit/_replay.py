@@ -10,7 +10,6 @@ recorded mode, and judge the outcome against the recorded signature.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from typing import Any
 
@@ -19,15 +18,7 @@ from reprokit._allowlist import AllowList
 from reprokit._archive import ArchiveReader, Limits
 from reprokit._encoding import decode_tree, unpack_bytes
 from reprokit._errors import ArchiveError, ReplayError
-
-RECORD_PARTS = (
-    "submodel",
-    "argument",
-    "side_inputs",
-    "initial_var_values",
-    "output",
-    "final_var_values",
-)
+from reprokit._verify import RECORD_PARTS, check_structure  # noqa: F401 (re-exported)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,45 +48,54 @@ class LoadedArchive:
         return self.record["submodel"]
 
 
-def open_archive(path: str | os.PathLike, limits: Limits | None = None) -> OpenedArchive:
-    """Opens and validates an archive's container, manifest and structure without jax."""
+def open_archive(
+    path: str | os.PathLike,
+    limits: Limits | None = None,
+    *,
+    allow_modules: tuple[str, ...] | list[str] | None = None,
+    verify_members: bool = False,
+) -> OpenedArchive:
+    """Opens and validates an archive's container, manifest and structure without jax.
+
+    Every member but the arrays is read and CRC-checked here (arrays are
+    checked as they are loaded, or here too with `verify_members`), and every
+    node of the structure is checked statically (`reprokit._verify`): names
+    against the allow-list plus `allow_modules`, or, with `allow_modules`
+    None (for `inspect`, which rebuilds nothing), only against what no
+    `--allow-module` would admit.
+    """
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise ArchiveError(f"{path!r} is not a file")
     reader = ArchiveReader(path, limits or Limits())
     try:
-        try:
-            manifest = json.loads(reader.read_bytes(_format.MANIFEST))
-        except (ValueError, RecursionError):
-            raise ArchiveError("manifest.json is not valid JSON") from None
-        _format.check_manifest(manifest)
+        manifest = _format.parse_manifest(reader.read_bytes(_format.MANIFEST))
         _format.check_member_names(reader.names, manifest["arrays"]["count"])
         structure = unpack_bytes(reader.read_bytes(_format.STRUCTURE))
-        _check_structure(structure, manifest)
+        allow = None if allow_modules is None else AllowList(tuple(allow_modules))
+        check_structure(structure, manifest, allow)
+        for index, desc in enumerate(structure["arrays"]):
+            member = _format.array_member(index)
+            if reader.size(member) != desc["nbytes"]:
+                raise ArchiveError(f"member {member!r} has the wrong size for its array")
+        for name in reader.names:
+            if name in (_format.MANIFEST, _format.STRUCTURE):
+                continue
+            if name in _TEXT_MEMBERS:
+                # A flipped byte in any member refuses the whole archive.
+                try:
+                    reader.read_bytes(name).decode("utf-8")
+                except UnicodeDecodeError:
+                    raise ArchiveError(f"member {name!r} is not UTF-8 text") from None
+            elif verify_members or not name.startswith("arrays/"):
+                reader.verify_member(name)
     except BaseException:
         reader.close()
         raise
     return OpenedArchive(path=path, manifest=manifest, structure=structure, reader=reader)
 
 
-def _check_structure(structure: Any, manifest: dict) -> None:
-    from reprokit._arrays import check_descriptor
-
-    if not isinstance(structure, dict) or set(structure) != {"record", "arrays"}:
-        raise ArchiveError("structure.msgpack does not hold a record and an array table")
-    record, arrays = structure["record"], structure["arrays"]
-    if not isinstance(record, dict) or not set(record) <= set(RECORD_PARTS):
-        raise ArchiveError("structure.msgpack holds an unexpected record")
-    has_output = "output" in record
-    if has_output == (manifest["signature"]["kind"] == "exception"):
-        raise ArchiveError("the record's output does not match its signature")
-    if not isinstance(arrays, list) or len(arrays) != manifest["arrays"]["count"]:
-        raise ArchiveError("the array table does not match the manifest")
-    for index, desc in enumerate(arrays):
-        try:
-            check_descriptor(desc)
-        except ValueError as error:
-            raise ArchiveError(f"array {index}: {error}") from None
+_TEXT_MEMBERS = frozenset({_format.REPLAY_SCRIPT, _format.README, _format.REQUIREMENTS})
 
 
 def load(
@@ -103,24 +103,30 @@ def load(
     *,
     allow_modules: tuple[str, ...] | list[str] = (),
     limits: Limits | None = None,
+    config_overrides: dict | None = None,
 ) -> LoadedArchive:
     """Validates an archive and rebuilds its record (submodel, inputs, outputs, state).
 
-    Restores the recorded jax configuration first. Types are rebuilt only from
-    reprokit's allow-list plus `allow_modules`.
+    Restores the recorded jax configuration first (then `config_overrides`,
+    e.g. {"jax_enable_x64": True} for a float64 reference), before any array
+    exists. Types are rebuilt only from reprokit's allow-list plus `allow_modules`.
     """
-    opened = open_archive(path, limits)
+    opened = open_archive(path, limits, allow_modules=tuple(allow_modules))
     try:
-        return _decode(opened, AllowList(tuple(allow_modules)))
+        return _decode(opened, AllowList(tuple(allow_modules)), config_overrides or {})
     finally:
         opened.close()
 
 
-def _decode(opened: OpenedArchive, allow: AllowList) -> LoadedArchive:
+def _decode(opened: OpenedArchive, allow: AllowList, config_overrides: dict) -> LoadedArchive:
+    import jax
+
     from reprokit._arrays import rebuild
     from reprokit._environment import apply_jax_config
 
     problems = tuple(apply_jax_config(opened.manifest["environment"].get("jax_config", {})))
+    for name, value in config_overrides.items():
+        jax.config.update(name, value)
     descriptors = opened.structure["arrays"]
     cache: dict[int, Any] = {}
 
@@ -220,41 +226,60 @@ def replay(
     return replay_loaded(loaded)
 
 
-def replay_loaded(loaded: LoadedArchive) -> Verdict:
-    """Calls the rebuilt layer in the recorded mode and judges the outcome."""
-    from reprokit._calling import call_layer, exception_info, outcome_from_call
-    from reprokit._environment import capture_environment, diff_environments
-    from reprokit._verdict import judge
+def recorded_outcome(loaded: LoadedArchive) -> dict:
+    """The outcome the reporter recorded, in the form `reprokit._verdict` compares."""
+    from reprokit._calling import outcome_from_call
 
-    record, manifest = loaded.record, loaded.manifest
-    recorded = outcome_from_call(record.get("output"), record.get("final_var_values"), None)
+    if loaded.manifest["signature"]["kind"] == "exception":
+        return {"exception": loaded.manifest["signature"], "output": [], "state": []}
+    record = loaded.record
+    return outcome_from_call(record.get("output"), record.get("final_var_values"), None)
+
+
+def replayed_outcome(loaded: LoadedArchive, mode: str | None = None, record: dict | None = None) -> dict:
+    """Calls the rebuilt layer (in the recorded mode unless `mode` is given) and returns its outcome."""
+    from reprokit._calling import call_layer, exception_info, outcome_from_call
+
+    record = record or loaded.record
     try:
         output, final = call_layer(
             record["submodel"],
             record["initial_var_values"],
             record["argument"],
             record["side_inputs"],
-            manifest["mode"],
+            mode or loaded.manifest["mode"],
         )
-        replayed = outcome_from_call(output, final, None)
     except RecursionError as error:
         raise ReplayError(f"replay failed: {exception_info(error)['message']}") from None
     except Exception as error:
-        replayed = outcome_from_call(None, None, exception_info(error))
-    if manifest["signature"]["kind"] == "exception":
-        recorded = {"exception": manifest["signature"], "output": [], "state": []}
-    details = judge(manifest["signature"], recorded, replayed)
+        return outcome_from_call(None, None, exception_info(error))
+    return outcome_from_call(output, final, None)
+
+
+def replay_loaded(loaded: LoadedArchive, *, stablehlo: bool = False) -> Verdict:
+    """Calls the rebuilt layer in the recorded mode (or its StableHLO artifact) and judges the outcome."""
+    from reprokit._environment import capture_environment, diff_environments
+    from reprokit._verdict import judge
+
+    manifest = loaded.manifest
+    if stablehlo:
+        from reprokit._variants import stablehlo_outcome
+
+        replayed = stablehlo_outcome(loaded)
+    else:
+        replayed = replayed_outcome(loaded)
+    details = judge(manifest["signature"], recorded_outcome(loaded), replayed)
     notes = list(loaded.config_problems)
+    if stablehlo:
+        notes.append("replayed the StableHLO artifact (the layer under jit, without penzai)")
     env = manifest["environment"]
-    if env.get("xla_flags") and env.get("xla_flags") != capture_environment().get("xla_flags"):
-        notes.append(
-            "recorded XLA_FLAGS are not in force here (reprokit run sets them before jax starts)"
-        )
-    differences = tuple(diff_environments(env, capture_environment()))
+    here = capture_environment()
+    if env.get("xla_flags") and env.get("xla_flags") != here.get("xla_flags"):
+        notes.append("recorded XLA_FLAGS are not in force here (reprokit run sets them before jax starts)")
     return Verdict(
         reproduced=bool(details["reproduced"]),
         details=details,
         manifest=manifest,
         notes=tuple(notes),
-        environment_differences=differences,
+        environment_differences=tuple(diff_environments(env, here)),
     )

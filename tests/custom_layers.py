@@ -46,3 +46,13 @@ class Repeat(pz.nn.Layer):
         for _ in range(self.times):
             x = self.body(x, **side_inputs)
         return x
+
+
+@pz.pytree_dataclass
+class HostNoise(pz.nn.Layer):
+    """Adds host-side randomness from numpy's global RNG: nondeterministic on purpose."""
+
+    def __call__(self, x, /, **side_inputs):
+        import numpy as np
+
+        return x + float(np.random.rand())

@@ -1,0 +1,181 @@
+"""The layer's computation as portable StableHLO, for bugs that live below penzai.
+
+When a replay reproduces, the next question is whether the fault is in
+penzai/jax's Python or in XLA. The archive therefore also carries the jitted
+call lowered with `jax.export`: a StableHLO module over the flat list of the
+record's arrays, which XLA engineers can run without penzai. Its calling
+convention (argument and result shapes and dtypes) is kept in the manifest as
+JSON, so replay rebuilds the `jax.export.Exported` directly and needs no
+extra serialisation dependency.
+
+Running an archive's StableHLO executes a compiled XLA program, never Python:
+before it runs, every `custom_call` target in the module is checked against
+an allow-list (host callbacks, which could reach Python, are refused).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from reprokit._errors import ArchiveError, RefusedTypeError
+
+_MAX_ARGS = 100_000
+# custom_call targets that compute on device and cannot reach the host's Python.
+_SAFE_CUSTOM_CALL_PREFIXES = (
+    "Sharding",
+    "SPMDFullToShardShape",
+    "SPMDShardToFullShape",
+    "annotate_device_placement",
+    "lapack_",
+    "ducc_",
+    "cusolver_",
+    "cublas",
+    "cu_",
+    "hipsolver_",
+    "hipblas",
+    "mhlo.",
+    "stablehlo.",
+)
+_CUSTOM_CALL = re.compile(r"custom_call\s*@([\w.$-]+)|call_target_name\s*=\s*\"([^\"]*)\"")
+
+
+def _flat(record: dict) -> tuple[list, Any, list[tuple[int, Any]]]:
+    import jax
+
+    leaves, treedef = jax.tree_util.tree_flatten(
+        (
+            record["submodel"],
+            record["initial_var_values"],
+            record["argument"],
+            record["side_inputs"],
+        )
+    )
+    slots = []
+    for index, leaf in enumerate(leaves):
+        if isinstance(leaf, jax.Array):
+            is_key = jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key)
+            slots.append((index, jax.random.key_impl(leaf) if is_key else None))
+    return leaves, treedef, slots
+
+
+def flat_arguments(record: dict) -> list:
+    """The exported function's arguments: every array leaf, PRNG keys as their key data."""
+    import jax
+
+    leaves, _, slots = _flat(record)
+    return [jax.random.key_data(leaves[i]) if impl is not None else leaves[i] for i, impl in slots]
+
+
+def export_layer(record: dict) -> tuple[bytes | None, dict]:
+    """Lowers the record's call under jit; returns (module bytes, calling convention) or (None, {"error"})."""
+    import jax
+
+    leaves, treedef, slots = _flat(record)
+
+    def flat_call(*arrays):
+        full = list(leaves)
+        for (index, impl), array in zip(slots, arrays, strict=True):
+            full[index] = array if impl is None else jax.random.wrap_key_data(array, impl=impl)
+        submodel, var_values, argument, side_inputs = jax.tree_util.tree_unflatten(treedef, full)
+        output, final = submodel.stateless_call(var_values, argument, **side_inputs)
+        out = []
+        for leaf in jax.tree_util.tree_leaves((output, final)):
+            is_key = hasattr(leaf, "dtype") and jax.dtypes.issubdtype(
+                leaf.dtype, jax.dtypes.prng_key
+            )
+            out.append(jax.random.key_data(leaf) if is_key else leaf)
+        return tuple(out)
+
+    try:
+        exported = jax.export.export(jax.jit(flat_call))(*flat_arguments(record))
+    except Exception as error:  # lowering is best effort: the archive is useful without it
+        return None, {"error": " ".join(f"{type(error).__name__}: {error}".split())[:300]}
+    meta = {
+        "in_avals": [_aval_json(a) for a in exported.in_avals],
+        "out_avals": [_aval_json(a) for a in exported.out_avals],
+        "platforms": list(exported.platforms),
+        "calling_convention_version": exported.calling_convention_version,
+        "module_kept_var_idx": list(exported.module_kept_var_idx),
+        "uses_global_constants": bool(exported.uses_global_constants),
+    }
+    return exported.mlir_module_serialized, meta
+
+
+def _aval_json(aval) -> list:
+    return [list(aval.shape), aval.dtype.name, bool(aval.weak_type)]
+
+
+def rebuild_exported(blob: bytes, meta: dict):
+    """A `jax.export.Exported` from the archive's module bytes and calling convention."""
+    import jax
+
+    from reprokit._arrays import dtype_from_name
+
+    try:
+        in_avals = tuple(_aval(a, dtype_from_name) for a in meta["in_avals"])
+        out_avals = tuple(_aval(a, dtype_from_name) for a in meta["out_avals"])
+        if len(in_avals) > _MAX_ARGS or len(out_avals) > _MAX_ARGS:
+            raise ValueError("too many arguments")
+        platforms = tuple(str(p) for p in meta["platforms"])
+        kept = tuple(int(i) for i in meta["module_kept_var_idx"])
+        version = int(meta["calling_convention_version"])
+    except (KeyError, TypeError, ValueError) as error:
+        raise ArchiveError(f"the StableHLO calling convention is malformed ({error})") from None
+    n_in, n_out = len(in_avals), len(out_avals)
+    exported = jax.export.Exported(
+        fun_name="reprokit_layer",
+        in_tree=jax.tree_util.tree_structure(((0,) * n_in, {})),
+        in_avals=in_avals,
+        out_tree=jax.tree_util.tree_structure((0,) * n_out),
+        out_avals=out_avals,
+        _has_named_shardings=False,
+        _in_named_shardings=(None,) * n_in,
+        _out_named_shardings=(None,) * n_out,
+        in_shardings_hlo=(None,) * n_in,
+        out_shardings_hlo=(None,) * n_out,
+        nr_devices=1,
+        platforms=platforms,
+        ordered_effects=(),
+        unordered_effects=(),
+        disabled_safety_checks=(),
+        mlir_module_serialized=bytes(blob),
+        calling_convention_version=version,
+        module_kept_var_idx=kept,
+        uses_global_constants=bool(meta.get("uses_global_constants", False)),
+        _get_vjp=None,
+    )
+    try:
+        text = exported.mlir_module()
+    except Exception:
+        raise ArchiveError("the archive's StableHLO module does not parse") from None
+    for match in _CUSTOM_CALL.finditer(text):
+        target = match.group(1) or match.group(2)
+        if not target.startswith(_SAFE_CUSTOM_CALL_PREFIXES) or "callback" in target.lower():
+            raise RefusedTypeError(f"the StableHLO module calls custom_call {target!r}; refused")
+    return exported
+
+
+def _aval(spec: list, dtype_from_name):
+    import jax
+
+    shape, dtype, weak = spec
+    if not isinstance(shape, list) or not all(isinstance(s, int) and s >= 0 for s in shape):
+        raise ValueError("bad shape")
+    return jax.core.ShapedArray(tuple(shape), dtype_from_name(dtype), weak_type=bool(weak))
+
+
+def call_exported(exported, record: dict) -> tuple[Any, Any]:
+    """Runs the StableHLO module on the record's arrays; returns (output, final vars) trees."""
+    import jax
+
+    flat = exported.call(*flat_arguments(record))
+    template = (record.get("output"), record.get("final_var_values"))
+    if "output" not in record:
+        raise ArchiveError(
+            "this archive recorded an exception; it has no StableHLO output to compare"
+        )
+    structure = jax.tree_util.tree_structure(template)
+    if structure.num_leaves != len(flat):
+        raise ArchiveError("the StableHLO module's results do not match the recorded output")
+    return jax.tree_util.tree_unflatten(structure, list(flat))
