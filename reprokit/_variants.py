@@ -332,8 +332,10 @@ def repeat(loaded, times: int) -> dict:
         raise UsageError("--repeat needs at least 2 runs")
     first = None
     for run in range(times):
-        jax.clear_caches()
-        _calling._jitted = None  # a fresh jit wrapper: recompile, as a new process would
+        if loaded.manifest["mode"] == "jit":
+            # Recompile each time, as a new process would: compilation can be nondeterministic.
+            jax.clear_caches()
+            _calling._jitted = None
         outcome = replayed_outcome(loaded)
         if first is None:
             first = outcome
