@@ -57,3 +57,8 @@ def all_cases():
     cases["kv-cache"] = kv_cache_case()
     cases["custom"] = custom_case()
     return cases
+
+
+def gemma_attention_case():
+    """Only the gemma-like bf16 attention case (cheaper than building every case)."""
+    return _llama_cases("gemma-bf16", models.llamalike(jnp.bfloat16, gemma=True))["gemma-bf16-attention"]

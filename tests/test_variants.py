@@ -19,7 +19,7 @@ ALLOW = ("--allow-module", "custom_layers")
 @pytest.fixture(scope="module")
 def gemma_attention(tmp_path_factory):
     path = tmp_path_factory.mktemp("gemma") / "gemma-attn.repro.zip"
-    selection, argument, side_inputs = cases.all_cases()["gemma-bf16-attention"]
+    selection, argument, side_inputs = cases.gemma_attention_case()
     reprokit.pack(selection, argument, side_inputs=side_inputs, out=path)
     return path
 
