@@ -353,6 +353,7 @@ class ArchiveWriter:
         self._names: set[str] = set()
         self._closed = False
         self._failed = False
+        self._snapshot_offset: int | None = None
 
     def __enter__(self) -> ArchiveWriter:
         return self
@@ -372,6 +373,7 @@ class ArchiveWriter:
         `Limits` would take it for a zip bomb, is stored instead.
         """
         self._check_open()
+        self._rewind_snapshot()
         encoded = self._claim(name)
         view = _byte_view(data, writable=False)
         if compress:
@@ -394,12 +396,32 @@ class ArchiveWriter:
         and it is written in chunks straight from `buffer`, without a copy.
         """
         self._check_open()
+        self._rewind_snapshot()
         encoded = self._claim(name)
         self._guarded(self._write_stored, encoded, _byte_view(buffer, writable=False))
+
+    def snapshot(self) -> str:
+        """Makes the unfinished temp file a complete archive as it stands, and returns its path.
+
+        Lets a caller check the archive (e.g. replay it) before it is moved
+        into place; members added afterwards replace the snapshot's directory.
+        """
+        self._check_open()
+        self._rewind_snapshot()
+        self._snapshot_offset = self._offset
+        self._guarded(self._write_central_directory)
+        return self._temp_path
+
+    def _rewind_snapshot(self) -> None:
+        if self._snapshot_offset is not None:
+            self._file.seek(self._snapshot_offset)
+            self._file.truncate()
+            self._offset, self._snapshot_offset = self._snapshot_offset, None
 
     def commit(self) -> None:
         """Finish the archive and move it into place; the writer is then closed."""
         self._check_open()
+        self._rewind_snapshot()
         if self._failed:
             self.abort()
             raise ValueError("an earlier write to this archive failed; it was discarded")
@@ -717,6 +739,26 @@ class ArchiveReader:
                 crc = zlib.crc32(view)
             else:
                 crc = _crc_pipelined(_chunks(view), fill, self._pool(), crc_after_transfer=True)
+        if crc != member.crc:
+            raise ArchiveError(f"member {_show(name)} is corrupted (CRC mismatch)")
+
+    def verify_member(self, name: str) -> None:
+        """Check a member's size and CRC-32 without keeping it: stored data is streamed
+        through one chunk-sized buffer, so verifying a huge array costs no memory."""
+        member = self._member(name)
+        if member.method != _STORED:
+            self.read_bytes(name)  # bounded by max_small_member_bytes
+            return
+        buffer = memoryview(bytearray(min(_CHUNK, member.size)))
+        crc = 0
+        with self._lock:
+            self._seek(member, member.data_offset)
+            remaining = member.size
+            while remaining:
+                part = buffer[: min(len(buffer), remaining)]
+                self._readinto_exact(member, part)
+                crc = zlib.crc32(part, crc)
+                remaining -= len(part)
         if crc != member.crc:
             raise ArchiveError(f"member {_show(name)} is corrupted (CRC mismatch)")
 

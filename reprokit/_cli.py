@@ -1,4 +1,4 @@
-"""The `reprokit` command line: pack, run, inspect.
+"""The `reprokit` command line: pack, run, inspect, verify.
 
 Verbs are click subcommands. Every failure a user can cause ends as one
 line on stderr and a documented exit code; `--debug` shows the traceback.
@@ -9,6 +9,7 @@ still be put in force.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib
 import importlib.util
 import json
@@ -19,6 +20,7 @@ from collections.abc import Iterator
 
 import click
 
+from reprokit._archive import Limits
 from reprokit._errors import (
     EXIT_INVALID_ARCHIVE,
     EXIT_NOT_REPRODUCED,
@@ -32,8 +34,8 @@ from reprokit._errors import (
 
 EXIT_CODES_HELP = f"""\b
 Exit codes:
-  {EXIT_REPRODUCED}  reproduced (run) / success
-  {EXIT_NOT_REPRODUCED}  not reproduced (run)
+  {EXIT_REPRODUCED}  reproduced (run; with --expect fixed: not reproduced) / success
+  {EXIT_NOT_REPRODUCED}  not reproduced (run; with --expect fixed: still reproduced)
   {EXIT_USAGE}  usage error: bad option, target or selection
   {EXIT_INVALID_ARCHIVE}  invalid, corrupted or refused archive (nothing was run)
   {EXIT_PACK_FAILED}  packing failed (nothing captured, or a value cannot be saved)
@@ -64,6 +66,22 @@ def _debug_option(fn):
     return click.option("--debug", is_flag=True, help="Show tracebacks of errors.")(fn)
 
 
+def _json_option(fn):
+    return click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")(fn)
+
+
+def _quiet_option(fn):
+    return click.option(
+        "-q", "--quiet", is_flag=True, help="Print nothing but errors; the exit code tells."
+    )(fn)
+
+
+def _check_output_options(as_json: bool, quiet: bool) -> None:
+    """--json and --quiet contradict each other; say so instead of picking one."""
+    if as_json and quiet:
+        raise UsageError("choose one of --json and --quiet")
+
+
 def _allow_module_option(fn):
     return click.option(
         "--allow-module",
@@ -73,6 +91,64 @@ def _allow_module_option(fn):
         help="Also rebuild classes and functions from MODULE (your own code; repeatable). "
         "Only for modules you trust: they are imported.",
     )(fn)
+
+
+class _ByteSize(click.ParamType):
+    """A size in bytes: 1000000, 512K, 64M, 300G (binary units)."""
+
+    name = "SIZE"
+    _UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, int):
+            return value
+        text = str(value).strip().upper().removesuffix("IB").removesuffix("B")
+        number, unit = (text[:-1], text[-1]) if text[-1:] in self._UNITS else (text, "")
+        try:
+            size = float(number) * self._UNITS[unit]
+        except ValueError:
+            self.fail(f"{value!r} is not a size such as 1000000, 512K, 64M or 300G", param, ctx)
+        if not 0 <= size < 2**63:
+            self.fail(f"{value!r} is out of range", param, ctx)
+        return int(size)
+
+
+# Limits are kept in the click context rather than passed as parameters, so
+# that each command's signature stays what it was.
+_LIMIT_OPTIONS = (
+    ("--max-total-size", "max_total_bytes", _ByteSize(), "Limit on all data, uncompressed"),
+    ("--max-members", "max_members", click.IntRange(0), "Limit on the number of members"),
+    ("--max-member-size", "max_small_member_bytes", _ByteSize(), "Limit on the manifest or text"),
+    ("--max-compression-ratio", "max_compression_ratio", click.FloatRange(0), "Zip bomb limit"),
+)
+
+
+def _limits_options(fn):
+    for flag, field, kind, what in reversed(_LIMIT_OPTIONS):
+        default = getattr(Limits(), field)
+        if isinstance(kind, _ByteSize):
+            factor, unit = max((f, u) for u, f in _ByteSize._UNITS.items() if default % f == 0)
+            default = f"{default // factor}{unit}"
+
+        def remember(ctx, param, value, field=field):
+            if value is not None:
+                ctx.meta.setdefault("reprokit_limits", {})[field] = value
+
+        fn = click.option(
+            flag,
+            type=kind,
+            default=None,
+            expose_value=False,
+            callback=remember,
+            help=f"{what} [default: {default}]; raise it only for an archive you trust.",
+        )(fn)
+    return fn
+
+
+def _limits() -> Limits:
+    """The limits given on the command line, defaults elsewhere."""
+    ctx = click.get_current_context(silent=True)
+    return Limits(**(ctx.meta.get("reprokit_limits", {}) if ctx else {}))
 
 
 @click.group(epilog=EXIT_CODES_HELP, context_settings={"help_option_names": ["-h", "--help"]})
@@ -206,14 +282,36 @@ def _walk_with_keypaths(model):
 )
 @click.option("--note", default="", help="A note for the maintainer.")
 @click.option(
+    "--check/--no-check",
+    default=True,
+    help="Replay the finished archive in a fresh process and record whether it reproduces "
+    "[default: check].",
+)
+@click.option(
     "--list",
     "list_layers",
     is_flag=True,
     help="List the model's layers with their keypaths and exit.",
 )
+@_json_option
+@_quiet_option
 @_allow_module_option
 @_debug_option
-def pack(target, keypath, out, call, signature, mode, note, list_layers, allow_modules, debug):
+def pack(
+    target,
+    keypath,
+    out,
+    call,
+    signature,
+    mode,
+    note,
+    check,
+    list_layers,
+    allow_modules,
+    debug,
+    as_json=False,
+    quiet=False,
+):
     """Run TARGET's model once and pack the selected layer's call into an archive.
 
     TARGET is path/to/script.py:make_call or package.module:make_call; make_call()
@@ -226,11 +324,16 @@ def pack(target, keypath, out, call, signature, mode, note, list_layers, allow_m
           -o attn-nan.repro.zip
     """
     with _reported_errors(debug, EXIT_PACK_FAILED):
+        _check_output_options(as_json, quiet)
         fn = _load_target(target)
         model, argument, side_inputs = _call_target(fn, target)
         if list_layers:
-            for path, kind in _all_layers(model):
-                click.echo(f"{kind:32} {path or '(root)'}")
+            layers = _all_layers(model)
+            if as_json:
+                click.echo(json.dumps([{"keypath": p, "type": k} for p, k in layers], indent=1))
+            elif not quiet:
+                for path, kind in layers:
+                    click.echo(f"{kind:32} {path or '(root)'}")
             return
         if not keypath:
             raise UsageError("choose the layer with --select KEYPATH (list them with --list)")
@@ -248,8 +351,12 @@ def pack(target, keypath, out, call, signature, mode, note, list_layers, allow_m
             signature=signature,
             mode=mode,
             allow_modules=allow_modules,
+            check=check,
         )
-        click.echo(result.summary())
+        if as_json:
+            click.echo(json.dumps(dataclasses.asdict(result), indent=1))
+        elif not quiet:
+            click.echo(result.summary())
 
 
 # ------------------------------------------------------------------ run
@@ -261,7 +368,7 @@ def _put_recorded_xla_flags(path: str) -> list[str]:
         return []
     from reprokit._replay import open_archive
 
-    opened = open_archive(path)
+    opened = open_archive(path, _limits())
     try:
         flags = opened.manifest["environment"].get("xla_flags") or []
     finally:
@@ -287,34 +394,127 @@ def _put_recorded_xla_flags(path: str) -> list[str]:
 @main.command(epilog=EXIT_CODES_HELP)
 @click.argument("archive", type=click.Path(dir_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print the verdict as JSON.")
+@click.option(
+    "--repeat",
+    type=click.IntRange(min=2),
+    default=None,
+    metavar="N",
+    help="Replay N times (fresh compile each time); report whether all results are bitwise identical.",
+)
+@click.option(
+    "--sweep",
+    is_flag=True,
+    help="Also replay under eager/jit, matmul precision, x64, each platform, XLA flags "
+    "and the StableHLO artifact, and print a table.",
+)
+@click.option(
+    "--reference",
+    type=click.Choice(["float64", "highest", "eager", "cpu"]),
+    default=None,
+    help="Compare recorded and replayed output with a reference computation.",
+)
+@click.option(
+    "--stablehlo",
+    is_flag=True,
+    help="Replay the archive's StableHLO artifact instead of the penzai layer "
+    "(if it still reproduces, the bug is below penzai).",
+)
+@click.option(
+    "--expect",
+    type=click.Choice(["reproduced", "fixed"]),
+    default="reproduced",
+    show_default=True,
+    help="What counts as success (exit 0): the issue reproducing, or it being fixed (for CI).",
+)
+@_quiet_option
 @_allow_module_option
+@_limits_options
 @_debug_option
-def run(archive, as_json, allow_modules, debug):
+def run(
+    archive,
+    as_json,
+    repeat,
+    sweep,
+    reference,
+    stablehlo,
+    allow_modules,
+    debug,
+    expect="reproduced",
+    quiet=False,
+):
     """Replay ARCHIVE and say whether the recorded issue reproduces here.
 
     Checks every member, restores the recorded jax configuration and XLA flags,
     rebuilds the layer from reprokit's allow-list (never unpickling or running
     code from the archive), calls it in the recorded mode (eager or jit), and
     compares the outcome with the recorded one: bitwise, or max abs/rel error per
-    output leaf.
+    output leaf. The exit code follows the main verdict, not the extra checks.
+
+    \b
+    Examples:
+      reprokit run bug.repro.zip
+      reprokit run bug.repro.zip --repeat 10      # nondeterministic?
+      reprokit run bug.repro.zip --sweep          # which conditions reproduce?
+      reprokit run bug.repro.zip --reference float64
     """
     with _reported_errors(debug, EXIT_INVALID_ARCHIVE):
+        _check_output_options(as_json, quiet)
         notes = _put_recorded_xla_flags(archive)
-        from reprokit._replay import replay
+        from reprokit import _variants
+        from reprokit._replay import load, replay_loaded
 
-        verdict = replay(archive, allow_modules=allow_modules)
+        loaded = load(archive, allow_modules=allow_modules, limits=_limits())
+        verdict = replay_loaded(loaded, stablehlo=stablehlo)
         if notes:
             verdict = _with_notes(verdict, notes)
+        extras: dict = {}
+        if repeat:
+            extras["repeat"] = _variants.repeat(loaded, repeat)
+        if reference:
+            extras["reference"] = _variants.reference(archive, loaded, reference, allow_modules)
+        if sweep:
+            extras["sweep"] = _variants.sweep(archive, loaded, allow_modules)
         if as_json:
-            click.echo(json.dumps(verdict.as_dict(), indent=1, default=str))
-        else:
+            payload = verdict.as_dict()
+            if "sweep" in extras:
+                extras["sweep"] = [dataclasses.asdict(row) for row in extras["sweep"]]
+            payload.update(extras)
+            payload.update(
+                expected=expect, as_expected=verdict.reproduced == (expect == "reproduced")
+            )
+            click.echo(json.dumps(payload, indent=1, default=str))
+        elif not quiet:
             click.echo(verdict.format())
-        sys.exit(EXIT_REPRODUCED if verdict.reproduced else EXIT_NOT_REPRODUCED)
+            if "repeat" in extras:
+                click.echo(_format_repeat(extras["repeat"]))
+            if "reference" in extras:
+                click.echo(_variants.format_reference(extras["reference"]))
+            if "sweep" in extras:
+                click.echo(_variants.format_sweep(extras["sweep"]))
+        if expect == "fixed" and not (as_json or quiet):
+            click.echo(
+                "expect fixed: FAILED, the recorded issue still reproduces"
+                if verdict.reproduced
+                else "expect fixed: OK, the recorded issue no longer reproduces"
+            )
+        # --expect fixed swaps the meaning of 0 and 1: success is the fix.
+        as_expected = verdict.reproduced == (expect == "reproduced")
+        sys.exit(EXIT_REPRODUCED if as_expected else EXIT_NOT_REPRODUCED)
+
+
+def _format_repeat(report: dict) -> str:
+    if report["bitwise_identical"]:
+        return f"repeat: {report['runs']} replays, all bitwise identical"
+    diff = report["first_difference"]
+    where = f"{diff['path']}{diff.get('index', '')}"
+    if "first_run" in diff:
+        values = f": {diff['first_run']} vs {diff['this_run']}"
+    else:
+        values = f" ({diff.get('detail')})"
+    return f"repeat: NONDETERMINISTIC: replay {diff['run'] + 1} differs from replay 1 at {where}{values}"
 
 
 def _with_notes(verdict, notes):
-    import dataclasses
-
     return dataclasses.replace(verdict, notes=tuple(notes) + verdict.notes)
 
 
@@ -324,20 +524,40 @@ def _with_notes(verdict, notes):
 @main.command(epilog=EXIT_CODES_HELP)
 @click.argument("archive", type=click.Path(dir_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest and array table as JSON.")
+@click.option(
+    "--html",
+    "html_out",
+    type=click.Path(dir_okay=False),
+    metavar="FILE",
+    help="Write a treescope view of the layer, inputs, output and state to FILE "
+    "(self-contained; open it in a browser, offline). Rebuilds the record; runs nothing.",
+)
+@_quiet_option
+@_allow_module_option
+@_limits_options
 @_debug_option
-def inspect(archive, as_json, debug):
+def inspect(archive, as_json, debug, html_out=None, quiet=False, allow_modules=()):
     """Show what ARCHIVE holds, without rebuilding or running anything.
 
     Prints the recorded issue, the reporter's note, the layer's structure (type
-    names only), array shapes and dtypes, and the reporter's environment.
+    names only), every array's shape, dtype, min/max/mean and NaN/Inf counts,
+    and the reporter's environment. Imports no jax. --allow-module matters only
+    with --html, which rebuilds the record as `reprokit run` does (without
+    calling the layer).
     """
     with _reported_errors(debug, EXIT_INVALID_ARCHIVE):
-        from reprokit._inspect import describe_archive
+        _check_output_options(as_json, quiet)
+        if html_out:
+            _write_html(archive, html_out, allow_modules, as_json, quiet)
+            return
+        from reprokit._inspect import archive_statistics, describe_archive
         from reprokit._replay import open_archive
 
-        opened = open_archive(archive)
+        # Every member's CRC is checked: the sha256 reads the whole file anyway.
+        opened = open_archive(archive, _limits(), verify_members=True)
         try:
             sha256 = opened.reader.sha256()
+            statistics = None if quiet else archive_statistics(opened)
         finally:
             opened.close()
         if as_json:
@@ -345,10 +565,135 @@ def inspect(archive, as_json, debug):
                 "sha256": sha256,
                 "manifest": opened.manifest,
                 "arrays": opened.structure["arrays"],
+                "statistics": statistics,
             }
             click.echo(json.dumps(payload, indent=1))
-        else:
-            click.echo(describe_archive(opened.manifest, opened.structure, sha256))
+        elif not quiet:
+            click.echo(describe_archive(opened.manifest, opened.structure, sha256, statistics))
+
+
+def _write_html(archive: str, out: str, allow_modules, as_json: bool, quiet: bool) -> None:
+    from reprokit._format import human_bytes
+    from reprokit._inspect import write_html
+
+    size = write_html(archive, out, allow_modules=allow_modules, limits=_limits())
+    if as_json:
+        click.echo(json.dumps({"archive": archive, "html": out, "bytes": size}, indent=1))
+    elif not quiet:
+        click.echo(f"wrote {out} ({human_bytes(size)}): open it in a browser (works offline)")
+
+
+# ------------------------------------------------------------------ env
+
+
+@main.command(epilog=EXIT_CODES_HELP)
+@click.option(
+    "--diff",
+    "diff_archive",
+    type=click.Path(dir_okay=False),
+    metavar="ARCHIVE",
+    help="Compare with the environment recorded in ARCHIVE instead.",
+)
+@_json_option
+@_quiet_option
+@_limits_options
+@_debug_option
+def env(diff_archive, as_json, quiet, debug):
+    """Print this machine's environment, as an archive packed here would record it.
+
+    With --diff ARCHIVE, print what differs between the reporter's environment
+    and this one: versions, platform and device, jax config, JAX_*/XLA_*
+    variables, XLA flags; the lines that may change numerical results first.
+    """
+    with _reported_errors(debug, EXIT_USAGE):
+        _check_output_options(as_json, quiet)
+        from reprokit._environment import (
+            capture_environment,
+            diff_environments,
+            format_environment_table,
+        )
+        from reprokit._inspect import describe_environment
+
+        recorded = None
+        if diff_archive:
+            from reprokit._replay import open_archive
+
+            # Read before jax starts: only the manifest is needed.
+            opened = open_archive(diff_archive, _limits())
+            opened.close()
+            recorded = opened.manifest["environment"]
+        here = capture_environment()
+        if recorded is None:
+            if as_json:
+                click.echo(json.dumps(here, indent=1, sort_keys=True))
+            elif not quiet:
+                click.echo(describe_environment(here))
+            return
+        diffs = diff_environments(recorded, here)
+        if as_json:
+            rows = [dataclasses.asdict(d) for d in diffs]
+            click.echo(json.dumps({"archive": diff_archive, "differences": rows}, indent=1))
+        elif not quiet:
+            click.echo(f"environment recorded in {diff_archive} vs here:")
+            click.echo(format_environment_table(diffs))
+
+
+# ------------------------------------------------------------------ issue
+
+
+@main.command(epilog=EXIT_CODES_HELP)
+@click.argument("archive", type=click.Path(dir_okay=False))
+@_json_option
+@_quiet_option
+@_limits_options
+@_debug_option
+def issue(archive, as_json, quiet, debug):
+    """Print the Markdown to paste into a GitHub issue with ARCHIVE attached.
+
+    The same text `reprokit pack` writes next to the archive (NAME.issue.md):
+    the recorded issue in one line, the layer's keypath and type, input shapes,
+    the reporter's environment and the replay commands. Warns when the archive
+    is over GitHub's 25 MB attachment limit. Reads no arrays; imports no jax.
+    """
+    with _reported_errors(debug, EXIT_INVALID_ARCHIVE):
+        _check_output_options(as_json, quiet)
+        from reprokit._issue import issue_text
+
+        info = issue_text(archive, limits=_limits())
+        if as_json:
+            click.echo(json.dumps(info, indent=1))
+        elif not quiet:
+            click.echo(info["markdown"], nl=False)
+            if info["too_large"]:
+                click.echo(
+                    "reprokit: warning: the archive is over GitHub's 25 MB attachment limit; "
+                    "the text above says what to do",
+                    err=True,
+                )
+
+
+# ------------------------------------------------------------------ verify
+
+
+@main.command(epilog=EXIT_CODES_HELP)
+@click.argument("archive", type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@_allow_module_option
+@_limits_options
+@_debug_option
+def verify(archive, as_json, allow_modules, debug):
+    """Check all of ARCHIVE without importing jax or running anything; print its sha256.
+
+    Checks the zip container, every member's size and CRC-32, the manifest, the
+    structure and its array table, and that every class and function it names
+    passes reprokit's allow-list (plus --allow-module) by name alone. Exit code
+    0: valid; 3: invalid or refused. Cite the sha256 in your issue.
+    """
+    with _reported_errors(debug, EXIT_INVALID_ARCHIVE):
+        from reprokit._verify import verify_archive
+
+        report = verify_archive(archive, allow_modules=allow_modules, limits=_limits())
+        click.echo(json.dumps(report.as_dict(), indent=1) if as_json else report.format())
 
 
 if __name__ == "__main__":  # pragma: no cover

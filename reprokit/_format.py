@@ -23,8 +23,9 @@ REPLAY_SCRIPT = "replay.py"
 README = "README.md"
 REQUIREMENTS = "requirements.txt"
 STABLEHLO = "stablehlo.mlirbc"
+SELFCHECK = "selfcheck.json"
 _ARRAY_MEMBER = re.compile(r"arrays/(0|[1-9][0-9]{0,8})\.bin")
-_OPTIONAL_MEMBERS = frozenset({REPLAY_SCRIPT, README, REQUIREMENTS, STABLEHLO})
+_OPTIONAL_MEMBERS = frozenset({REPLAY_SCRIPT, README, REQUIREMENTS, STABLEHLO, SELFCHECK})
 
 
 def array_member(index: int) -> str:
@@ -122,6 +123,29 @@ def parse_manifest(data: bytes) -> dict:
     return check_manifest(manifest)
 
 
+# MLIR bytecode starts with these four bytes.
+_MLIR_BYTECODE_MAGIC = b"ML\xefR"
+
+
+def check_optional_member(name: str, data: bytes) -> None:
+    """Refuses an optional member whose bytes are not what its name says."""
+    if name == STABLEHLO:
+        if not data.startswith(_MLIR_BYTECODE_MAGIC):
+            raise ArchiveError(f"member {name!r} is not MLIR bytecode")
+        return
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ArchiveError(f"member {name!r} is not UTF-8 text") from None
+    if name.endswith(".json"):
+        try:
+            value = json.loads(text, parse_constant=_refuse_constant, object_pairs_hook=_unique)
+        except (ValueError, RecursionError):
+            raise ArchiveError(f"member {name!r} is not valid JSON") from None
+        if not isinstance(value, dict):
+            raise ArchiveError(f"member {name!r} is not a JSON object")
+
+
 def _refuse_constant(name: str) -> Any:
     raise ArchiveError(f"manifest.json holds {name}, which is not valid JSON")
 
@@ -160,6 +184,10 @@ def _check_details(manifest: dict) -> None:
             stack.extend(value)
         elif isinstance(value, str) and _TERMINAL_CONTROLS.search(value):
             raise ArchiveError("manifest.json holds a control character (a terminal escape?)")
+    from reprokit._allowlist import check_module_for_viewing
+
+    for module in manifest["modules"]:
+        check_module_for_viewing(module)
     for key in ("index", "count"):
         if key in manifest["call"]:
             _expect(manifest["call"], key, int, lambda v: 0 <= v < 2**31)

@@ -22,6 +22,8 @@ from reprokit._capture import CallRecord, capture_calls, choose_call
 from reprokit._environment import capture_environment, scrub_text
 from reprokit._errors import CaptureError, UsageError
 from reprokit._issue import GITHUB_ATTACHMENT_LIMIT, write_issue_snippet
+from reprokit._selfcheck import describe as describe_self_check
+from reprokit._selfcheck import self_check
 from reprokit._verdict import SIGNATURE_KINDS, detect_signature
 
 
@@ -41,6 +43,8 @@ class PackResult:
     size: int
     # The GitHub issue snippet written next to the archive (None: not written).
     issue_path: str | None = None
+    # What the fresh-process replay after packing measured (None: not run).
+    self_check: dict | None = None
 
     def summary(self) -> str:
         """A few lines for the terminal: what was packed and how to replay it."""
@@ -60,11 +64,12 @@ class PackResult:
                     else []
                 ),
                 *(
-                    ["  warning: over GitHub's 25 MB attachment limit; the issue text says what to do"]
+                    ["  warning: over GitHub's 25 MB attachment limit; see the issue text"]
                     if self.size > GITHUB_ATTACHMENT_LIMIT
                     else []
                 ),
                 "  note: attachments on public repositories can be downloaded by anyone.",
+                *([] if self.self_check is None else describe_self_check(self.self_check, self.mode)),
             ]
         )
 
@@ -80,6 +85,7 @@ def pack(
     signature: str | None = None,
     mode: str | None = None,
     allow_modules: tuple[str, ...] | list[str] = (),
+    check: bool = True,
 ) -> PackResult:
     """Captures the layer picked by `selection` while its model runs on `argument`, and packs it.
 
@@ -99,6 +105,8 @@ def pack(
         else "eager".
       allow_modules: your own modules that hold classes or functions in the
         model; the maintainer must allow them too (`--allow-module`).
+      check: replay the finished archive in a fresh process before returning
+        and record whether it reproduces (the self-check); a few seconds.
 
     Returns:
       A `PackResult` describing the archive.
@@ -124,6 +132,7 @@ def pack(
         note=note,
         signature=signature,
         allow_modules=allow_modules,
+        check=check,
     )
     return dataclasses.replace(result, issue_path=write_issue_snippet(result.path))
 
@@ -140,6 +149,7 @@ def write_archive(
     signature: str | None = None,
     allow_modules: tuple[str, ...] | list[str] = (),
     extra_manifest: dict | None = None,
+    check: bool = True,
 ) -> PackResult:
     """Writes one captured call as an archive (the part of `pack` after capture).
 
@@ -182,7 +192,7 @@ def write_archive(
         if key in manifest:
             raise ValueError(f"extra manifest field {key!r} collides with a format field")
         manifest[key] = value
-    _write(out, manifest, tree, arrays, stablehlo)
+    self_check = _write(out, manifest, tree, arrays, stablehlo, allow if check else None)
     return PackResult(
         path=out,
         signature=sig,
@@ -194,6 +204,7 @@ def write_archive(
         array_count=len(arrays),
         array_bytes=manifest["arrays"]["bytes"],
         size=os.path.getsize(out),
+        self_check=self_check,
     )
 
 
@@ -255,7 +266,15 @@ def _record_parts(record: CallRecord) -> dict:
     return parts
 
 
-def _write(out: str, manifest: dict, tree: dict, arrays: list, stablehlo: bytes | None) -> None:
+def _write(
+    out: str,
+    manifest: dict,
+    tree: dict,
+    arrays: list,
+    stablehlo: bytes | None,
+    check_with_modules: tuple[str, ...] | None,
+) -> dict | None:
+    """Writes the archive; with `check_with_modules`, self-checks it before it is moved into place."""
     from reprokit import _script
 
     structure = _encoding.pack_bytes(tree)
@@ -273,3 +292,8 @@ def _write(out: str, manifest: dict, tree: dict, arrays: list, stablehlo: bytes 
         writer.add_bytes(_format.REQUIREMENTS, _script.render_requirements(manifest).encode())
         if stablehlo is not None:
             writer.add_bytes(_format.STABLEHLO, stablehlo, compress=True)
+        if check_with_modules is None:
+            return None
+        result = self_check(writer.snapshot(), check_with_modules)
+        writer.add_bytes(_format.SELFCHECK, json.dumps(result, indent=1).encode())
+    return result

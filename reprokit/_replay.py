@@ -10,6 +10,7 @@ recorded mode, and judge the outcome against the recorded signature.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from typing import Any
 
@@ -29,6 +30,7 @@ class OpenedArchive:
     manifest: dict
     structure: dict
     reader: ArchiveReader
+    self_check: dict | None = None
 
     def close(self) -> None:
         self.reader.close()
@@ -42,6 +44,7 @@ class LoadedArchive:
     manifest: dict
     record: dict
     config_problems: tuple[str, ...]
+    self_check: dict | None = None
 
     @property
     def submodel(self) -> Any:
@@ -79,23 +82,33 @@ def open_archive(
             if reader.size(member) != desc["nbytes"]:
                 raise ArchiveError(f"member {member!r} has the wrong size for its array")
         for name in reader.names:
-            if name in (_format.MANIFEST, _format.STRUCTURE):
-                continue
-            if name in _TEXT_MEMBERS:
-                # A flipped byte in any member refuses the whole archive.
-                try:
-                    reader.read_bytes(name).decode("utf-8")
-                except UnicodeDecodeError:
-                    raise ArchiveError(f"member {name!r} is not UTF-8 text") from None
-            elif verify_members or not name.startswith("arrays/"):
-                reader.verify_member(name)
+            # A flipped byte in any member refuses the whole archive, and a
+            # member must hold what its name says (not, say, a pickle).
+            if name.startswith("arrays/"):
+                if verify_members:
+                    reader.verify_member(name)
+            elif name not in (_format.MANIFEST, _format.STRUCTURE):
+                _format.check_optional_member(name, reader.read_bytes(name))
+        self_check = _read_self_check(reader)
     except BaseException:
         reader.close()
         raise
-    return OpenedArchive(path=path, manifest=manifest, structure=structure, reader=reader)
+    return OpenedArchive(
+        path=path, manifest=manifest, structure=structure, reader=reader, self_check=self_check
+    )
 
 
-_TEXT_MEMBERS = frozenset({_format.REPLAY_SCRIPT, _format.README, _format.REQUIREMENTS})
+def _read_self_check(reader: ArchiveReader) -> dict | None:
+    """The reporter's self-check result, reduced to the few plain fields `run` shows."""
+    if _format.SELFCHECK not in reader.names:
+        return None
+    try:
+        data = json.loads(reader.read_bytes(_format.SELFCHECK))
+    except (ValueError, RecursionError):
+        raise ArchiveError(f"{_format.SELFCHECK} is not valid JSON") from None
+    if not isinstance(data, dict):
+        raise ArchiveError(f"{_format.SELFCHECK} is not a JSON object")
+    return {k: data[k] for k in ("ran", "reproduced", "output_bitwise_equal") if isinstance(data.get(k), bool)}
 
 
 def load(
@@ -150,7 +163,11 @@ def _decode(opened: OpenedArchive, allow: AllowList, config_overrides: dict) -> 
     }
     _check_record(record)
     return LoadedArchive(
-        path=opened.path, manifest=opened.manifest, record=record, config_problems=problems
+        path=opened.path,
+        manifest=opened.manifest,
+        record=record,
+        config_problems=problems,
+        self_check=opened.self_check,
     )
 
 
@@ -179,6 +196,7 @@ class Verdict:
     manifest: dict
     notes: tuple[str, ...]
     environment_differences: tuple
+    reporter_self_check: dict | None = None
 
     def as_dict(self) -> dict:
         return {
@@ -186,6 +204,7 @@ class Verdict:
             **self.details,
             "recorded_mode": self.manifest["mode"],
             "layer": self.manifest["layer"],
+            "reporter_self_check": self.reporter_self_check,
             "notes": list(self.notes),
             "environment_differences": [
                 dataclasses.asdict(d) for d in self.environment_differences
@@ -194,6 +213,7 @@ class Verdict:
 
     def format(self) -> str:
         from reprokit._environment import format_environment_table
+        from reprokit._selfcheck import reporter_line
         from reprokit._verdict import format_verdict
 
         layer = self.manifest["layer"]
@@ -201,6 +221,9 @@ class Verdict:
             format_verdict(self.details),
             f"  layer: {layer['type']} at {layer['keypath']} (replayed {self.manifest['mode']})",
         ]
+        reporter = reporter_line(self.reporter_self_check)
+        if reporter:
+            lines.append(f"  {reporter}")
         lines += [f"  note: {note}" for note in self.notes]
         important = [d for d in self.environment_differences if d.version_sensitive]
         if important:
@@ -282,4 +305,5 @@ def replay_loaded(loaded: LoadedArchive, *, stablehlo: bool = False) -> Verdict:
         manifest=manifest,
         notes=tuple(notes),
         environment_differences=tuple(diff_environments(env, here)),
+        reporter_self_check=loaded.self_check,
     )

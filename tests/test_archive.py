@@ -652,3 +652,20 @@ def test_damage_gives_archive_error_or_correct_data(fuzz_base, mutation):
                     assert reader.read_aligned(name).tobytes() == expected
             except ArchiveError:
                 pass
+
+
+def test_snapshot_is_a_complete_archive_and_later_members_replace_its_directory(tmp_path):
+    target = tmp_path / "snap.zip"
+    with ArchiveWriter(target) as writer:
+        writer.add_bytes("a.txt", b"first")
+        writer.add_buffer("b.bin", np.arange(100, dtype=np.float32))
+        snapshot = writer.snapshot()
+        with ArchiveReader(snapshot) as reader:
+            assert reader.names == ["a.txt", "b.bin"]
+            assert reader.read_bytes("a.txt") == b"first"
+        writer.add_bytes("c.json", b"{}", compress=True)
+    assert not os.path.exists(snapshot)
+    with ArchiveReader(target) as reader:
+        assert reader.names == ["a.txt", "b.bin", "c.json"]
+        assert np.array_equal(reader.read_aligned("b.bin").view(np.float32), np.arange(100, dtype=np.float32))
+    assert zipfile.ZipFile(target).testzip() is None

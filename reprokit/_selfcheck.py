@@ -1,0 +1,121 @@
+"""Self-check at pack time: replay the finished archive as a maintainer would.
+
+"The repro does not reproduce" is the most common complaint about repro
+tools. Before `pack` returns, the archive is replayed in a fresh interpreter
+with `reprokit run` semantics (caches off), and the result travels inside
+the archive (`selfcheck.json`), so a maintainer sees "reproduced on the
+reporter's machine after packing: yes" beside their own verdict. The check
+also replays in the other mode (eager vs jit): a bug that only shows in one
+mode is a common trap, and saying so at pack time saves a round trip.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+_TIMEOUT_S = 900
+
+
+def self_check(path: str, allow_modules: tuple[str, ...] = (), timeout: float = _TIMEOUT_S) -> dict:
+    """Replays `path` in a fresh process; returns what it measured (never raises for a failed replay)."""
+    command = [sys.executable, "-m", "reprokit._selfcheck", path]
+    for module in allow_modules:
+        command += ["--allow-module", module]
+    env = dict(os.environ)
+    # The reporter's own modules must import exactly as they did in this process.
+    env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+    env["JAX_ENABLE_COMPILATION_CACHE"] = "false"
+    started = time.perf_counter()
+    try:
+        done = subprocess.run(
+            command, capture_output=True, text=True, env=env, timeout=timeout, stdin=subprocess.DEVNULL
+        )
+    except subprocess.TimeoutExpired:
+        return {"ran": False, "error": f"the replay took longer than {timeout:.0f} s"}
+    elapsed = time.perf_counter() - started
+    try:
+        result = json.loads(done.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        return {"ran": False, "error": " ".join(last.split())[:300]}
+    result["elapsed_s"] = round(elapsed, 3)
+    return result
+
+
+def describe(result: dict, mode: str) -> list[str]:
+    """Lines for the pack summary: loud when the archive does not reproduce."""
+    if not result.get("ran"):
+        return [f"  self-check: could not replay the archive in a fresh process: {result.get('error')}"]
+    lines = []
+    if result["reproduced"]:
+        equal = "bitwise equal" if result.get("output_bitwise_equal") else "not bitwise equal"
+        lines.append(f"  self-check: reproduced in a fresh process (output {equal} to the recorded one)")
+    else:
+        lines.append("  WARNING: self-check: the archive does NOT reproduce in a fresh process")
+        lines.append(f"    why: {result.get('reason')}")
+    for problem in result.get("config_problems", []):
+        lines.append(f"    note: {problem}")
+    other = result.get("other_mode") or {}
+    if other.get("ran") and not other.get("same_as_recorded_mode"):
+        detail = f"max abs error {other['max_abs_error']:.3g}" if other.get("max_abs_error") else other.get("reason", "")
+        reproduces = "still reproduces" if other.get("reproduced") else "does NOT reproduce"
+        lines.append(
+            f"    note: captured {mode}; a {other['mode']} replay differs ({detail}) and {reproduces}. "
+            f"Maintainers must replay {mode}, as reprokit run does."
+        )
+    return lines
+
+
+def _main(argv: list[str]) -> int:
+    path, *rest = argv
+    allow = tuple(rest[i + 1] for i, arg in enumerate(rest) if arg == "--allow-module")
+    from reprokit._replay import load, recorded_outcome, replay_loaded, replayed_outcome
+    from reprokit._verdict import judge
+
+    try:
+        loaded = load(path, allow_modules=allow)
+        verdict = replay_loaded(loaded)
+        recorded_mode = loaded.manifest["mode"]
+        other_mode = "eager" if recorded_mode == "jit" else "jit"
+        other = judge(loaded.manifest["signature"], recorded_outcome(loaded), replayed_outcome(loaded, mode=other_mode))
+        differs = [r for r in other["output"] if r["status"] == "differs"]
+        result = {
+            "ran": True,
+            "reproduced": verdict.reproduced,
+            "reason": verdict.details["reason"],
+            "output_bitwise_equal": verdict.details["output_bitwise_equal"],
+            "state_bitwise_equal": verdict.details["state_bitwise_equal"],
+            "config_problems": list(loaded.config_problems),
+            "other_mode": {
+                "ran": True,
+                "mode": other_mode,
+                "reproduced": bool(other["reproduced"]),
+                "reason": other["reason"],
+                "same_as_recorded_mode": bool(other["output_bitwise_equal"])
+                and (other["replayed_exception"] == verdict.details["replayed_exception"]),
+                "max_abs_error": max((r["max_abs_error"] for r in differs), default=None),
+            },
+        }
+    except Exception as error:  # reported to the reporter, who can rerun with --no-check
+        result = {"ran": False, "error": " ".join(f"{type(error).__name__}: {error}".split())[:300]}
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main(sys.argv[1:]))
+
+
+def reporter_line(result: dict | None) -> str | None:
+    """What the archive's recorded self-check says, for `reprokit run`."""
+    if not isinstance(result, dict):
+        return None
+    if not result.get("ran"):
+        return "reproduced on the reporter's machine after packing: not checked"
+    answer = "yes" if result.get("reproduced") else "NO"
+    equal = ", output bitwise equal" if result.get("output_bitwise_equal") else ""
+    return f"reproduced on the reporter's machine after packing: {answer}{equal}"
