@@ -64,6 +64,8 @@ def check_descriptor(desc: dict) -> int:
             raise ValueError(f"invalid array dimension {size!r}")
     if not isinstance(desc.get("weak_type", False), bool):
         raise ValueError("weak_type is not a boolean")
+    if desc.get("fill", None) not in (None, "zeros"):
+        raise ValueError(f"unknown array fill {desc.get('fill')!r}")
     if kind == "key" and desc.get("key_impl") not in _PRNG_IMPLS:
         raise ValueError(f"unknown PRNG implementation {desc.get('key_impl')!r}")
     nbytes = math.prod(shape) * dtype.itemsize
@@ -88,6 +90,13 @@ def describe(value: Any) -> tuple[dict, np.ndarray]:
         desc = {"kind": "numpy"}
     desc.update(dtype=data.dtype.name, shape=list(data.shape), nbytes=int(data.nbytes))
     return desc, data
+
+
+def aligned_zeros(nbytes: int) -> np.ndarray:
+    """A zeroed uint8 buffer whose data is 64-byte aligned (for arrays stored as "fill": "zeros")."""
+    backing = np.zeros(nbytes + 64, dtype=np.uint8)
+    start = -backing.ctypes.data % 64
+    return backing[start : start + nbytes]
 
 
 def rebuild(desc: dict, raw: np.ndarray) -> Any:

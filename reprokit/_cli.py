@@ -282,6 +282,20 @@ def _walk_with_keypaths(model):
 )
 @click.option("--note", default="", help="A note for the maintainer.")
 @click.option(
+    "--redact",
+    multiple=True,
+    metavar="WHAT=HOW",
+    help="Replace private values: params=random|zeros|shapes, inputs=random|zeros|shapes "
+    "(repeatable). Weaker redactions are tried until the issue still reproduces.",
+)
+@click.option(
+    "--max-size",
+    default=None,
+    metavar="SIZE",
+    help="Fit the archive under SIZE (e.g. 25MB, GitHub's limit): compress, zero unneeded "
+    "parameters, or refuse.",
+)
+@click.option(
     "--check/--no-check",
     default=True,
     help="Replay the finished archive in a fresh process and record whether it reproduces "
@@ -305,6 +319,8 @@ def pack(
     signature,
     mode,
     note,
+    redact,
+    max_size,
     check,
     list_layers,
     allow_modules,
@@ -352,6 +368,8 @@ def pack(
             mode=mode,
             allow_modules=allow_modules,
             check=check,
+            redact=list(redact),
+            max_size=max_size,
         )
         if as_json:
             click.echo(json.dumps(dataclasses.asdict(result), indent=1))

@@ -15,7 +15,9 @@ import json
 import os
 from typing import Any
 
-from reprokit import _allowlist, _encoding, _format
+import numpy as np
+
+from reprokit import _allowlist, _encoding, _format, _redact
 from reprokit._archive import ArchiveWriter
 from reprokit._arrays import describe
 from reprokit._capture import CallRecord, capture_calls, choose_call
@@ -45,6 +47,8 @@ class PackResult:
     issue_path: str | None = None
     # What the fresh-process replay after packing measured (None: not run).
     self_check: dict | None = None
+    # Parameter count, input shapes and what was redacted (for the sharing note).
+    contents: dict | None = None
 
     def summary(self) -> str:
         """A few lines for the terminal: what was packed and how to replay it."""
@@ -68,6 +72,7 @@ class PackResult:
                     if self.size > GITHUB_ATTACHMENT_LIMIT
                     else []
                 ),
+                *_contents_lines(self.contents),
                 "  note: attachments on public repositories can be downloaded by anyone.",
                 *([] if self.self_check is None else describe_self_check(self.self_check, self.mode)),
             ]
@@ -86,6 +91,8 @@ def pack(
     mode: str | None = None,
     allow_modules: tuple[str, ...] | list[str] = (),
     check: bool = True,
+    redact: Any = None,
+    max_size: str | int | None = None,
 ) -> PackResult:
     """Captures the layer picked by `selection` while its model runs on `argument`, and packs it.
 
@@ -107,6 +114,11 @@ def pack(
         model; the maintainer must allow them too (`--allow-module`).
       check: replay the finished archive in a fresh process before returning
         and record whether it reproduces (the self-check); a few seconds.
+      redact: replace private values, e.g. ["params=random"] or
+        {"params": "random", "inputs": "random"} (kinds: random, zeros,
+        shapes); weaker redactions are tried until the issue still reproduces.
+      max_size: e.g. "25MB" (GitHub's attachment limit): compress, then zero
+        the largest parameters the issue does not need, or refuse.
 
     Returns:
       A `PackResult` describing the archive.
@@ -122,6 +134,8 @@ def pack(
         )
     capture = capture_calls(selection, argument, dict(side_inputs or {}), mode)
     record = choose_call(capture, call)
+    if signature is not None:
+        _check_heisenbug(capture, record, signature, selection, argument, side_inputs, mode)
     result = write_archive(
         record,
         out=out,
@@ -133,8 +147,47 @@ def pack(
         signature=signature,
         allow_modules=allow_modules,
         check=check,
+        redact=redact,
+        max_size=max_size,
     )
     return dataclasses.replace(result, issue_path=write_issue_snippet(result.path))
+
+
+def _shows(record: CallRecord, kind: str) -> bool:
+    try:
+        detect_signature(record.outcome, kind)
+    except ValueError:
+        return False
+    return True
+
+
+def _check_heisenbug(capture, record, kind, selection, argument, side_inputs, mode) -> None:
+    """Says so when the issue the user reports does not appear under capture, and what might help."""
+    if _shows(record, kind):
+        return
+    showing = [call.index for call in capture.calls if _shows(call, kind)]
+    if showing:
+        raise UsageError(
+            f"call {record.index} of the layer shows no {kind} issue, but call {showing[0]} does: "
+            f"pass call={showing[0]} (--call {showing[0]})"
+        )
+    other = "eager" if capture.mode == "jit" else "jit"
+    if mode is None or mode == capture.mode:
+        retry = capture_calls(selection, argument, dict(side_inputs or {}), other)
+        if any(_shows(call, kind) for call in retry.calls):
+            raise UsageError(
+                f"the selected layer shows no {kind} issue when run {capture.mode}, but it does "
+                f"when run {other}: pass mode={other!r} (--mode {other})"
+            )
+    if capture.model_exception is not None and kind != "exception":
+        where = "the model raised " + capture.model_exception["type"]
+    else:
+        where = "the capture saw no such issue in this layer"
+    raise UsageError(
+        f"signature {kind!r} asked for, but the selected layer shows none in any of its "
+        f"{len(capture.calls)} calls ({where}); the fault may be in another layer "
+        "(try reprokit.find) or may vanish under capture"
+    )
 
 
 def write_archive(
@@ -150,22 +203,40 @@ def write_archive(
     allow_modules: tuple[str, ...] | list[str] = (),
     extra_manifest: dict | None = None,
     check: bool = True,
+    redact: Any = None,
+    max_size: str | int | None = None,
 ) -> PackResult:
     """Writes one captured call as an archive (the part of `pack` after capture).
 
     `extra_manifest` adds JSON fields to the manifest (e.g. how the layer was
-    found); they must not collide with the format's own fields.
+    found); they must not collide with the format's own fields. `redact` and
+    `max_size` are described in `pack`.
     """
     out = os.fspath(out)
     try:
         sig = detect_signature(record.outcome, signature)
     except ValueError as error:
         raise UsageError(str(error)) from None
+    allow = tuple(allow_modules)
+    redaction = None
+    spec = _redact.parse_redactions(redact)
+    limit = _redact.parse_size(max_size)
+    if spec:
+        record, redaction = _redact.redact(record, sig, spec, mode)
+        sig = detect_signature(record.outcome, sig["kind"] if redaction["reproduces"] else None)
+    size_fit = None
+    if limit is not None:
+
+        def encode(candidate):
+            trial_arrays: list[Any] = []
+            return _encode_record(candidate, trial_arrays, allow, True), trial_arrays
+
+        record, size_fit = _redact.fit(record, sig, mode, limit, encode)
+        size_fit["max_size"] = limit
     if sig["kind"] == "exception":
         sig["message"] = scrub_text(sig["message"])
-    allow = tuple(allow_modules)
     arrays: list[Any] = []
-    tree = _encode_record(record, arrays, allow)
+    tree = _encode_record(record, arrays, allow, elide_zeros=bool(spec) or limit is not None)
     manifest = {
         "format": _format.FORMAT_NAME,
         "format_version": _format.FORMAT_VERSION,
@@ -182,7 +253,12 @@ def write_archive(
         "modules": sorted(_needed_modules(tree["record"])),
         "arrays": {"count": len(arrays), "bytes": sum(d["nbytes"] for d in tree["arrays"])},
         "environment": capture_environment(),
+        "contents": _contents(record, redaction),
     }
+    if redaction is not None:
+        manifest["redaction"] = redaction
+    if size_fit is not None:
+        manifest["size_fit"] = {k: v for k, v in size_fit.items() if k != "estimated_size"}
     stablehlo = None
     if record.exception is None:
         from reprokit import _stablehlo
@@ -192,7 +268,8 @@ def write_archive(
         if key in manifest:
             raise ValueError(f"extra manifest field {key!r} collides with a format field")
         manifest[key] = value
-    self_check = _write(out, manifest, tree, arrays, stablehlo, allow if check else None)
+    compress = set(size_fit["compress"]) if size_fit else set()
+    self_check = _write(out, manifest, tree, arrays, stablehlo, allow if check else None, compress)
     return PackResult(
         path=out,
         signature=sig,
@@ -205,10 +282,18 @@ def write_archive(
         array_bytes=manifest["arrays"]["bytes"],
         size=os.path.getsize(out),
         self_check=self_check,
+        contents=manifest["contents"],
     )
 
 
-def _encode_record(record: CallRecord, arrays: list, allow: tuple[str, ...]) -> dict:
+def _encode_record(
+    record: CallRecord, arrays: list, allow: tuple[str, ...], elide_zeros: bool = False
+) -> dict:
+    """Encodes a call; `arrays` receives each payload (None for an array stored as all zeros).
+
+    `elide_zeros` (when redacting or fitting a size) stores all-zero arrays as
+    a descriptor without payload; it costs a scan, so the default path skips it.
+    """
     seen: dict[int, int] = {}
     descriptors: list[dict] = []
 
@@ -216,6 +301,8 @@ def _encode_record(record: CallRecord, arrays: list, allow: tuple[str, ...]) -> 
         index = seen.get(id(value))
         if index is None:
             desc, data = describe(value)
+            if elide_zeros and data.size and not data.reshape(-1).view(np.uint8).any():
+                desc["fill"], data = "zeros", None
             index = seen[id(value)] = len(arrays)
             arrays.append(data)
             descriptors.append(desc)
@@ -273,6 +360,7 @@ def _write(
     arrays: list,
     stablehlo: bytes | None,
     check_with_modules: tuple[str, ...] | None,
+    compress: set[int] = frozenset(),
 ) -> dict | None:
     """Writes the archive; with `check_with_modules`, self-checks it before it is moved into place."""
     from reprokit import _script
@@ -282,7 +370,12 @@ def _write(
         writer.add_bytes(_format.MANIFEST, json.dumps(manifest, indent=1, sort_keys=True).encode())
         writer.add_bytes(_format.STRUCTURE, structure)
         for index, data in enumerate(arrays):
-            writer.add_buffer(_format.array_member(index), data)
+            if data is None:
+                continue  # stored as "fill": "zeros" in the array table
+            if index in compress:
+                writer.add_bytes(_format.array_member(index), data.tobytes(), compress=True)
+            else:
+                writer.add_buffer(_format.array_member(index), data)
         writer.add_bytes(
             _format.REPLAY_SCRIPT,
             _script.render_replay_script(manifest, tree).encode(),
@@ -297,3 +390,35 @@ def _write(
         result = self_check(writer.snapshot(), check_with_modules)
         writer.add_bytes(_format.SELFCHECK, json.dumps(result, indent=1).encode())
     return result
+
+
+def _contents(record: CallRecord, redaction: dict | None) -> dict:
+    """What the archive holds, for the sharing note: parameter values, input shapes, redaction."""
+    import jax
+    from penzai import pz
+
+    params = pz.select(record.submodel).at_instances_of(pz.ParameterValue).get_sequence()
+    count = sum(leaf.size for p in params for leaf in jax.tree_util.tree_leaves(p.value) if hasattr(leaf, "size"))
+    shapes = []
+    for path, leaf in jax.tree_util.tree_flatten_with_path((record.argument, record.side_inputs))[0]:
+        if hasattr(leaf, "shape"):
+            shapes.append(f"{jax.tree_util.keystr(path)}: {leaf.dtype}{list(leaf.shape)}")
+    return {
+        "parameter_values": int(count),
+        "inputs": shapes[:20],
+        "redacted": bool(redaction and (redaction.get("params") or redaction.get("inputs"))),
+        "redaction": redaction,
+    }
+
+
+def _contents_lines(contents: dict | None) -> list[str]:
+    if not contents:
+        return []
+    inputs = "; ".join(contents["inputs"][:4]) + (" ..." if len(contents["inputs"]) > 4 else "")
+    lines = [
+        f"  contains: {contents['parameter_values']:,} parameter values; inputs {inputs or '(none)'}; "
+        + ("some values redacted" if contents["redacted"] else "no value redacted")
+    ]
+    if contents.get("redaction"):
+        lines += _redact.describe(contents["redaction"])
+    return lines

@@ -79,6 +79,12 @@ def open_archive(
         check_structure(structure, manifest, allow)
         for index, desc in enumerate(structure["arrays"]):
             member = _format.array_member(index)
+            if desc.get("fill") is not None:
+                if member in reader:
+                    raise ArchiveError(f"array {index} is zero-filled, yet {member!r} exists")
+                continue
+            if member not in reader:
+                raise ArchiveError(f"archive is missing array payload {member!r}")
             if reader.size(member) != desc["nbytes"]:
                 raise ArchiveError(f"member {member!r} has the wrong size for its array")
         for name in reader.names:
@@ -134,7 +140,7 @@ def load(
 def _decode(opened: OpenedArchive, allow: AllowList, config_overrides: dict) -> LoadedArchive:
     import jax
 
-    from reprokit._arrays import rebuild
+    from reprokit._arrays import aligned_zeros, rebuild
     from reprokit._environment import apply_jax_config
 
     problems = tuple(apply_jax_config(opened.manifest["environment"].get("jax_config", {})))
@@ -149,11 +155,16 @@ def _decode(opened: OpenedArchive, allow: AllowList, config_overrides: dict) -> 
                 f"structure refers to array {index}, which the archive does not hold"
             )
         if index not in cache:
+            desc = descriptors[index]
             member = _format.array_member(index)
-            if opened.reader.size(member) != descriptors[index]["nbytes"]:
+            if desc.get("fill") is not None:
+                raw = aligned_zeros(desc["nbytes"])
+            elif opened.reader.size(member) != desc["nbytes"]:
                 raise ArchiveError(f"member {member!r} has the wrong size for its array")
+            else:
+                raw = opened.reader.read_aligned(member)
             try:
-                cache[index] = rebuild(descriptors[index], opened.reader.read_aligned(member))
+                cache[index] = rebuild(desc, raw)
             except ValueError as error:
                 raise ArchiveError(f"array {index}: {error}") from None
         return cache[index]

@@ -32,7 +32,12 @@ def self_check(path: str, allow_modules: tuple[str, ...] = (), timeout: float = 
     started = time.perf_counter()
     try:
         done = subprocess.run(
-            command, capture_output=True, text=True, env=env, timeout=timeout, stdin=subprocess.DEVNULL
+            command,
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=timeout,
+            stdin=subprocess.DEVNULL,
         )
     except subprocess.TimeoutExpired:
         return {"ran": False, "error": f"the replay took longer than {timeout:.0f} s"}
@@ -49,11 +54,15 @@ def self_check(path: str, allow_modules: tuple[str, ...] = (), timeout: float = 
 def describe(result: dict, mode: str) -> list[str]:
     """Lines for the pack summary: loud when the archive does not reproduce."""
     if not result.get("ran"):
-        return [f"  self-check: could not replay the archive in a fresh process: {result.get('error')}"]
+        return [
+            f"  self-check: could not replay the archive in a fresh process: {result.get('error')}"
+        ]
     lines = []
     if result["reproduced"]:
         equal = "bitwise equal" if result.get("output_bitwise_equal") else "not bitwise equal"
-        lines.append(f"  self-check: reproduced in a fresh process (output {equal} to the recorded one)")
+        lines.append(
+            f"  self-check: reproduced in a fresh process (output {equal} to the recorded one)"
+        )
     else:
         lines.append("  WARNING: self-check: the archive does NOT reproduce in a fresh process")
         lines.append(f"    why: {result.get('reason')}")
@@ -61,10 +70,14 @@ def describe(result: dict, mode: str) -> list[str]:
         lines.append(f"    note: {problem}")
     other = result.get("other_mode") or {}
     if other.get("ran") and not other.get("same_as_recorded_mode"):
-        detail = f"max abs error {other['max_abs_error']:.3g}" if other.get("max_abs_error") else other.get("reason", "")
+        detail = (
+            f"max abs error {other['max_abs_error']:.3g}"
+            if other.get("max_abs_error")
+            else other.get("reason", "")
+        )
         reproduces = "still reproduces" if other.get("reproduced") else "does NOT reproduce"
         lines.append(
-            f"    note: captured {mode}; a {other['mode']} replay differs ({detail}) and {reproduces}. "
+            f"    note: captured {mode}; {other['mode']} replay differs ({detail}) and {reproduces}. "
             f"Maintainers must replay {mode}, as reprokit run does."
         )
     return lines
@@ -81,7 +94,11 @@ def _main(argv: list[str]) -> int:
         verdict = replay_loaded(loaded)
         recorded_mode = loaded.manifest["mode"]
         other_mode = "eager" if recorded_mode == "jit" else "jit"
-        other = judge(loaded.manifest["signature"], recorded_outcome(loaded), replayed_outcome(loaded, mode=other_mode))
+        other = judge(
+            loaded.manifest["signature"],
+            recorded_outcome(loaded),
+            replayed_outcome(loaded, mode=other_mode),
+        )
         differs = [r for r in other["output"] if r["status"] == "differs"]
         result = {
             "ran": True,

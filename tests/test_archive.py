@@ -669,3 +669,15 @@ def test_snapshot_is_a_complete_archive_and_later_members_replace_its_directory(
         assert reader.names == ["a.txt", "b.bin", "c.json"]
         assert np.array_equal(reader.read_aligned("b.bin").view(np.float32), np.arange(100, dtype=np.float32))
     assert zipfile.ZipFile(target).testzip() is None
+
+
+def test_deflated_members_are_read_aligned_too(tmp_path):
+    target = tmp_path / "deflated.zip"
+    data = np.zeros(10_000, dtype=np.float32)
+    data[::7] = np.nan
+    with ArchiveWriter(target) as writer:
+        writer.add_bytes("arrays/0.bin", data.tobytes(), compress=True)
+    with ArchiveReader(target) as reader:
+        array = reader.read_aligned("arrays/0.bin")
+        assert array.ctypes.data % 64 == 0
+        assert array.view(np.float32).tobytes() == data.tobytes()
