@@ -24,9 +24,12 @@ from reprokit._capture import CallRecord, capture_calls, choose_call
 from reprokit._environment import capture_environment, scrub_text
 from reprokit._errors import CaptureError, UsageError
 from reprokit._issue import GITHUB_ATTACHMENT_LIMIT, write_issue_snippet
+from reprokit._progress import progress
 from reprokit._selfcheck import describe as describe_self_check
 from reprokit._selfcheck import self_check
 from reprokit._verdict import SIGNATURE_KINDS, detect_signature
+
+_PROGRESS_BYTES = 256 * 2**20  # smaller archives are written before a bar would be read
 
 
 @dataclasses.dataclass(frozen=True)
@@ -369,13 +372,16 @@ def _write(
     with ArchiveWriter(out) as writer:
         writer.add_bytes(_format.MANIFEST, json.dumps(manifest, indent=1, sort_keys=True).encode())
         writer.add_bytes(_format.STRUCTURE, structure)
-        for index, data in enumerate(arrays):
-            if data is None:
-                continue  # stored as "fill": "zeros" in the array table
-            if index in compress:
-                writer.add_bytes(_format.array_member(index), data.tobytes(), compress=True)
-            else:
-                writer.add_buffer(_format.array_member(index), data)
+        total = sum(data.nbytes for data in arrays if data is not None)
+        with progress(total, "writing arrays", threshold=_PROGRESS_BYTES) as advance:
+            for index, data in enumerate(arrays):
+                if data is None:
+                    continue  # stored as "fill": "zeros" in the array table
+                if index in compress:
+                    writer.add_bytes(_format.array_member(index), data.tobytes(), compress=True)
+                else:
+                    writer.add_buffer(_format.array_member(index), data)
+                advance(data.nbytes)
         writer.add_bytes(
             _format.REPLAY_SCRIPT,
             _script.render_replay_script(manifest, tree).encode(),

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from reprokit._errors import ReplayError, UsageError
+from reprokit._progress import progress
 
 REFERENCES = ("float64", "highest", "eager", "cpu")
 _WORKER_TIMEOUT_S = 600
@@ -279,25 +280,28 @@ def sweep(path: str, loaded, allow_modules=(), workers: int | None = None) -> li
             )
             for variant, condition in jobs
         ]
-        rows.append(_in_process(loaded, f"as recorded ({recorded_mode})"))
-        rows.append(_in_process(loaded, "eager", mode="eager"))
-        rows.append(_in_process(loaded, "jit", mode="jit"))
-        rows.append(
-            _in_process(
-                loaded, "eager, matmul precision highest", mode="eager", precision="highest"
-            )
-        )
-        rows.append(
-            _in_process(loaded, "jit, matmul precision highest", mode="jit", precision="highest")
-        )
-        rows += _platform_rows(loaded)
-        if not env.get("xla_flags"):
-            rows.append(
-                VariantRow(
-                    condition="XLA flags", ran=False, note="none recorded; same as 'as recorded'"
+        conditions = [
+            (f"as recorded ({recorded_mode})", {}),
+            ("eager", {"mode": "eager"}),
+            ("jit", {"mode": "jit"}),
+            ("eager, matmul precision highest", {"mode": "eager", "precision": "highest"}),
+            ("jit, matmul precision highest", {"mode": "jit", "precision": "highest"}),
+        ]
+        with progress(len(conditions) + 1 + len(futures), "sweeping") as advance:
+            for condition, options in conditions:
+                rows.append(_in_process(loaded, condition, **options))
+                advance(1)
+            rows += _platform_rows(loaded)
+            advance(1)
+            if not env.get("xla_flags"):
+                rows.append(
+                    VariantRow(
+                        condition="XLA flags", ran=False, note="none recorded; same as 'as recorded'"
+                    )
                 )
-            )
-        rows += [future.result() for future in futures]
+            for future in futures:
+                rows.append(future.result())
+                advance(1)
     return rows
 
 
