@@ -3,11 +3,23 @@
 `reprokit inspect` is what a careful maintainer runs first on an archive
 from a stranger: it reads the manifest and the encoded structure and prints
 them as text, resolving no names, importing no jax, and calling no code.
+Array statistics (min/max/mean, NaN and Inf counts) come from the raw
+payloads reinterpreted with numpy and ml_dtypes alone, for the same reason.
+
+`inspect --html` is the one exception, and only when asked: a treescope
+view needs live objects, so it rebuilds the record through the same
+allow-listed loader as `reprokit run` (still never calling the layer).
 """
 
 from __future__ import annotations
 
+import contextlib
+import math
+import os
+from collections.abc import Iterator
 from typing import Any
+
+import numpy as np
 
 from reprokit import _format
 from reprokit._encoding import TAG
@@ -87,8 +99,10 @@ def array_label(arrays: list[dict], index: Any) -> str:
     return f"{kind}{desc['dtype']}[{shape}]{extra}  (array #{index})"
 
 
-def describe_archive(manifest: dict, structure: dict, sha256: str) -> str:
-    """The text `reprokit inspect` prints."""
+def describe_archive(
+    manifest: dict, structure: dict, sha256: str, statistics: list[dict] | None = None
+) -> str:
+    """The text `reprokit inspect` prints; `statistics` (from `archive_statistics`) adds a table."""
     from reprokit._environment import format_environment_summary
 
     layer, call = manifest["layer"], manifest["call"]
@@ -108,6 +122,20 @@ def describe_archive(manifest: dict, structure: dict, sha256: str) -> str:
             + ", ".join(manifest["modules"])
             + " (replay with --allow-module for each, only if you trust them)"
         )
+    from reprokit import _bundle, _sharding
+
+    lines += _bundle.describe(manifest)
+    for mesh in _sharding.recorded_meshes(structure["arrays"]):
+        lines.append(
+            f"sharded: {mesh['arrays']} arrays over mesh {_sharding.mesh_text(mesh['mesh'])} "
+            f"({mesh['device_count']} devices; run --mesh chooses where they go)"
+        )
+    multiprocess = manifest.get("multiprocess")
+    if isinstance(multiprocess, dict):
+        lines.append(
+            f"captured by {multiprocess.get('process_count')} processes; arrays no process "
+            f"held whole: {multiprocess.get('global_arrays')} ({multiprocess.get('storage')})"
+        )
     if manifest.get("exception_traceback"):
         lines.append("traceback at capture:")
         lines += [f"  {line}" for line in manifest["exception_traceback"]]
@@ -118,7 +146,373 @@ def describe_archive(manifest: dict, structure: dict, sha256: str) -> str:
     arrays = structure["arrays"]
     total = sum(d["nbytes"] for d in arrays)
     lines.append(f"arrays: {len(arrays)} ({_format.human_bytes(total)})")
+    if statistics:
+        lines.append("  min, max and mean are over finite values; NaN and Inf are counts")
+        lines += ["  " + line for line in format_statistics(statistics).splitlines()]
     lines.append("structure:")
     for name, node in structure["record"].items():
         lines += ["  " + line for line in outline(node, arrays, name)]
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------ paths
+
+
+def walk_encoded(node: Any, path: str) -> Iterator[tuple[str, Any]]:
+    """Yields (path, node) for every node of an encoded tree, parents before children.
+
+    Paths read like Python: `.field`, `[index]`, `['key']`, so a maintainer
+    can find the value in the rebuilt record or in `replay.py`.
+    """
+    stack = [(path, node)]
+    while stack:
+        where, item = stack.pop()
+        yield where, item
+        children: list[tuple[str, Any]] = []
+        if isinstance(item, list):
+            children = [(f"{where}[{i}]", v) for i, v in enumerate(item)]
+        elif isinstance(item, dict):
+            tag = item.get(TAG)
+            if tag == "obj":
+                children = [(f"{where}.{name}", v) for name, v in item["f"]]
+            elif tag == "tuple":
+                children = [(f"{where}[{i}]", v) for i, v in enumerate(item["v"])]
+            elif tag in ("dict", "odict"):
+                children = [(f"{where}[{k!r}]", v) for k, v in item["v"]]
+            elif tag == "partial":
+                children = [(f"{where}.func", item["fn"])]
+                children += [(f"{where}.args[{i}]", v) for i, v in enumerate(item["args"])]
+                children += [(f"{where}.keywords[{k!r}]", v) for k, v in item["kw"]]
+        # Reversed so that the stack yields children in their written order.
+        stack.extend(reversed(children))
+
+
+def array_paths(record: dict) -> dict[int, str]:
+    """Where each array of the table first appears in the record (index -> path)."""
+    found: dict[int, str] = {}
+    for name, node in record.items():
+        for where, item in walk_encoded(node, name):
+            if isinstance(item, dict) and item.get(TAG) == "array":
+                index = item.get("i")
+                if isinstance(index, int) and index not in found:
+                    found[index] = where
+    return found
+
+
+# ------------------------------------------------------------------ statistics
+
+# Statistics are accumulated over chunks so that a multi-GiB weight never
+# needs a float64 copy of itself.
+_STATS_CHUNK = 1 << 20
+_MAX_TABLE_ROWS = 400
+# The trailing dimension of a PRNG key's data holds the key words, not keys.
+_KEY_WORDS = {"threefry2x32": 2, "rbg": 4, "unsafe_rbg": 4}
+
+
+def _value_kind(dtype: np.dtype) -> str:
+    """'bool', 'int', 'float' or 'complex', also for ml_dtypes (whose numpy kind is 'V')."""
+    if dtype.kind == "b":
+        return "bool"
+    if dtype.kind in "iu" or dtype.name.startswith(("int", "uint")):
+        return "int"
+    if dtype.kind == "c":
+        return "complex"
+    return "float"
+
+
+def key_shape(desc: dict) -> list[int]:
+    """The shape of a PRNG key array: its key data's shape without the key words."""
+    shape = list(desc["shape"])
+    if shape and shape[-1] == _KEY_WORDS.get(desc.get("key_impl")):
+        return shape[:-1]
+    return shape
+
+
+def array_statistics(desc: dict, raw: np.ndarray) -> dict:
+    """Shape, dtype, finite min/max/mean and NaN/Inf counts of one array payload.
+
+    `raw` is the payload as uint8 (from `ArchiveReader.read_aligned`); it is
+    reinterpreted with numpy and ml_dtypes only, never handed to jax. Min, max
+    and mean are over finite values (None when there are none), because the
+    NaN and Inf counts already say what the non-finite ones are; for complex
+    arrays they are over magnitudes. PRNG key arrays get no statistics: their
+    bits are not numbers.
+    """
+    from reprokit._arrays import dtype_from_name
+
+    if desc["kind"] == "key":
+        return {
+            "kind": "key",
+            "dtype": f"key<{desc.get('key_impl')}>",
+            "shape": key_shape(desc),
+            "size": math.prod(key_shape(desc)),
+            "min": None,
+            "max": None,
+            "mean": None,
+            "nan": 0,
+            "inf": 0,
+        }
+    dtype = dtype_from_name(desc["dtype"])
+    values = raw.view(dtype).reshape(-1)
+    kind = _value_kind(dtype)
+    nan = inf = count = 0
+    low = high = None
+    total = 0.0
+    for start in range(0, values.size, _STATS_CHUNK):
+        chunk = values[start : start + _STATS_CHUNK]
+        if kind == "complex":
+            wide = chunk.astype(np.complex128)
+            bad_nan = np.isnan(wide.real) | np.isnan(wide.imag)
+            bad_inf = (np.isinf(wide.real) | np.isinf(wide.imag)) & ~bad_nan
+            nan += int(bad_nan.sum())
+            inf += int(bad_inf.sum())
+            finite = np.abs(wide[~(bad_nan | bad_inf)])
+        elif kind == "float":
+            wide = chunk.astype(np.float64)
+            nan += int(np.isnan(wide).sum())
+            inf += int(np.isinf(wide).sum())
+            finite = wide[np.isfinite(wide)]
+        else:
+            # Integers keep their exact extremes (numpy ints natively, so
+            # uint64 cannot wrap); only the mean goes through float64.
+            if kind == "bool":
+                finite = chunk.astype(np.uint8)
+            else:
+                finite = chunk if dtype.kind in "iu" else chunk.astype(np.int64)
+        if finite.size == 0:
+            continue
+        chunk_low, chunk_high = finite.min().item(), finite.max().item()
+        low = chunk_low if low is None else min(low, chunk_low)
+        high = chunk_high if high is None else max(high, chunk_high)
+        total += float(finite.sum(dtype=np.float64))
+        count += int(finite.size)
+    mean = total / count if count else None
+    if mean is not None and not math.isfinite(mean):
+        mean = None  # the float64 sum overflowed; JSON has no Infinity
+    if kind == "bool" and low is not None:
+        low, high = bool(low), bool(high)
+    return {
+        "kind": desc["kind"],
+        "dtype": desc["dtype"],
+        "shape": list(desc["shape"]),
+        "size": int(values.size),
+        "min": low,
+        "max": high,
+        "mean": mean,
+        "nan": nan,
+        "inf": inf,
+    }
+
+
+def archive_statistics(opened: Any) -> list[dict]:
+    """Statistics of every array of an opened archive, each with its index and first path."""
+    from reprokit._errors import ArchiveError
+
+    arrays = opened.structure["arrays"]
+    where = array_paths(opened.structure["record"])
+    rows = []
+    for index, desc in enumerate(arrays):
+        if "checkpoint" in desc:
+            continue  # in the orbax checkpoint: read with tensorstore only on replay
+        member = _format.array_member(index)
+        if opened.reader.size(member) != desc["nbytes"]:
+            raise ArchiveError(f"member {member!r} has the wrong size for its array")
+        stats = array_statistics(desc, opened.reader.read_aligned(member))
+        rows.append({"index": index, "where": where.get(index, "(unused)"), **stats})
+    return rows
+
+
+def _number(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return str(value)
+    if isinstance(value, int):
+        return str(value)
+    return f"{value:.4g}"
+
+
+def _clip_left(text: str, width: int) -> str:
+    return text if len(text) <= width else "..." + text[-(width - 3) :]
+
+
+def format_statistics(rows: list[dict]) -> str:
+    """The per-array table `reprokit inspect` prints (at most 400 rows)."""
+    header = ("#", "where", "array", "min", "max", "mean", "NaN", "Inf")
+    table = []
+    for row in rows[:_MAX_TABLE_ROWS]:
+        shape = ",".join(str(s) for s in row["shape"])
+        table.append(
+            (
+                str(row["index"]),
+                _clip_left(row["where"], 56),
+                f"{row['dtype']}[{shape}]",
+                _number(row["min"]),
+                _number(row["max"]),
+                _number(row["mean"]),
+                str(row["nan"]),
+                str(row["inf"]),
+            )
+        )
+    widths = [max(len(r[i]) for r in [header, *table]) for i in range(len(header))]
+    right = {0, 3, 4, 5, 6, 7}
+
+    def line(cells: tuple[str, ...]) -> str:
+        return "  ".join(
+            c.rjust(w) if i in right else c.ljust(w)
+            for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+        ).rstrip()
+
+    lines = [line(header)] + [line(r) for r in table]
+    if len(rows) > _MAX_TABLE_ROWS:
+        lines.append(f"... {len(rows) - _MAX_TABLE_ROWS} more arrays (reprokit inspect --json)")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------ HTML view
+
+_HTML_PARTS = (
+    ("submodel", "Layer"),
+    ("argument", "Argument"),
+    ("side_inputs", "Side inputs"),
+    ("initial_var_values", "State before the call"),
+    ("output", "Recorded output"),
+    ("final_var_values", "State after the call"),
+)
+
+_HTML_STYLE = """
+body { font-family: system-ui, sans-serif; margin: 1.5em 2em; color: #222; }
+h1 { font-size: 1.3em; } h2 { font-size: 1.1em; margin-top: 1.6em; }
+table.facts td { padding: 0.1em 1em 0.1em 0; vertical-align: top; }
+code, pre { font-family: ui-monospace, monospace; }
+pre { background: #f6f6f6; padding: 0.6em; overflow-x: auto; }
+"""
+
+
+def render_html(loaded: Any, sha256: str = "") -> str:
+    """A self-contained HTML page showing a loaded archive's record with treescope.
+
+    Each part of the record (layer, inputs, state, recorded output) is
+    rendered by `treescope.render_to_html` with its array autovisualizer, so
+    arrays appear as treescope's heatmaps. The page needs JavaScript (treescope
+    renders in the browser) but no network: treescope inlines its scripts and
+    styles, and the page links nothing.
+    """
+    import html
+
+    import treescope
+
+    manifest = loaded.manifest
+    layer = manifest["layer"]
+    esc = html.escape
+    facts = [
+        ("recorded issue", _format.describe_signature(manifest["signature"])),
+        ("layer", f"{layer['type']} at {layer['keypath'] or '(root)'}"),
+        (
+            "call",
+            f"{manifest['call'].get('index', 0) + 1} of {manifest['call'].get('count', 1)},"
+            f" captured {manifest['mode']}",
+        ),
+        (
+            "packed",
+            f"reprokit {manifest.get('reprokit_version', '?')}, {manifest.get('created', '?')}",
+        ),
+    ]
+    if manifest["note"]:
+        facts.append(("note", manifest["note"]))
+    if sha256:
+        facts.append(("sha256", sha256))
+    body = [
+        f"<h1>reprokit archive: {esc(layer['type'].split('.')[-1])} at "
+        f"<code>{esc(layer['keypath'] or '(root)')}</code></h1>",
+        '<table class="facts">',
+        *(f"<tr><td>{esc(k)}</td><td>{esc(str(v))}</td></tr>" for k, v in facts),
+        "</table>",
+    ]
+    if manifest.get("exception_traceback"):
+        body.append("<h2>Traceback at capture</h2>")
+        body.append("<pre>" + esc("\n".join(manifest["exception_traceback"])) + "</pre>")
+    with treescope.active_autovisualizer.set_scoped(treescope.ArrayAutovisualizer()):
+        for name, title in _HTML_PARTS:
+            if name not in loaded.record:
+                continue
+            body.append(f'<h2 id="{name}">{esc(title)}</h2>')
+            # ignore_exceptions: one odd leaf shows a fallback instead of
+            # costing the maintainer the whole page.
+            body.append(treescope.render_to_html(loaded.record[name], ignore_exceptions=True))
+    title = f"reprokit: {layer['type'].split('.')[-1]} at {layer['keypath'] or '(root)'}"
+    return (
+        '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
+        f"<title>{esc(title)}</title>\n<style>{_HTML_STYLE}</style>\n</head>\n<body>\n"
+        + "\n".join(body)
+        + "\n</body>\n</html>\n"
+    )
+
+
+def write_html(
+    archive: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    allow_modules: tuple[str, ...] | list[str] = (),
+    limits: Any = None,
+) -> int:
+    """Rebuilds `archive` (allow-listed, nothing called) and writes its HTML view to `out`.
+
+    Returns the size of the written file in bytes. The file is written
+    atomically, so a failed rendering never leaves half a page behind.
+
+    Raises:
+      ArchiveError: the archive is invalid, or names a type outside the
+        allow-list plus `allow_modules`.
+      UsageError: `out` cannot be written.
+    """
+    import hashlib
+
+    from reprokit._errors import UsageError
+    from reprokit._replay import load
+
+    loaded = load(archive, allow_modules=tuple(allow_modules), limits=limits)
+    digest = hashlib.sha256()
+    with open(archive, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    page = render_html(loaded, digest.hexdigest()).encode("utf-8")
+    out = os.fspath(out)
+    temp = f"{out}.{os.getpid()}.tmp"
+    try:
+        with open(temp, "wb") as file:
+            file.write(page)
+        os.replace(temp, out)
+    except OSError as error:
+        with contextlib.suppress(OSError):
+            os.unlink(temp)
+        raise UsageError(f"cannot write {out!r}: {error.strerror or error}") from None
+    return len(page)
+
+
+# ------------------------------------------------------------------ environment
+
+
+def describe_environment(env: dict) -> str:
+    """The text `reprokit env` prints: the summary, then every recorded field."""
+    from reprokit._environment import format_environment_summary
+
+    lines = [format_environment_summary(env), "", "packages:"]
+    packages = env.get("packages") or {}
+    width = max((len(name) for name in packages), default=0)
+    lines += [
+        f"  {name.ljust(width)}  {version or 'not installed'}" for name, version in packages.items()
+    ]
+    backend = env.get("backend") or {}
+    lines.append("backend:")
+    lines += [f"  {key}: {value}" for key, value in backend.items()]
+    lines.append("environment variables (allow-listed):")
+    env_vars = env.get("env_vars") or {}
+    lines += [f"  {key}={value}" for key, value in sorted(env_vars.items())] or ["  (none set)"]
+    flags = env.get("xla_flags") or []
+    lines.append("XLA flags: " + (" ".join(flags) if flags else "(none)"))
+    if env.get("xla_flags_dropped"):
+        lines.append(f"  ({env['xla_flags_dropped']} other XLA_FLAGS tokens not recorded)")
+    config = env.get("jax_config") or {}
+    lines.append(f"jax config: {len(config)} options recorded (reprokit env --json lists them)")
     return "\n".join(lines)

@@ -102,6 +102,11 @@ def render_readme(manifest: dict) -> str:
     )
 
 
+def render_issue_text(**context: Any) -> str:
+    """The GitHub issue snippet (templates/issue.md.j2); `reprokit._issue` builds the context."""
+    return _environment().get_template("issue.md.j2").render(**context)
+
+
 def render_requirements(manifest: dict) -> str:
     """Pinned versions of what `replay.py` needs, as recorded."""
     packages = manifest["environment"].get("packages", {})
@@ -110,6 +115,8 @@ def render_requirements(manifest: dict) -> str:
         for name in ("jax", "jaxlib", "penzai", "numpy", "ml_dtypes")
         if packages.get(name)
     ]
+    if (manifest.get("multiprocess") or {}).get("checkpoint"):
+        lines.append("tensorstore")  # reads the multi-process capture's checkpoint/
     return "\n".join(lines) + "\n"
 
 
