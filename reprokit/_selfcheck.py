@@ -13,40 +13,41 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import time
+
+from reprokit._workers import WorkerFailed, run_worker
 
 _TIMEOUT_S = 900
 
 
-def self_check(path: str, allow_modules: tuple[str, ...] = (), timeout: float = _TIMEOUT_S) -> dict:
-    """Replays `path` in a fresh process; returns what it measured (never raises for a failed replay)."""
-    command = [sys.executable, "-m", "reprokit._selfcheck", path]
+def self_check(
+    path: str,
+    allow_modules: tuple[str, ...] = (),
+    timeout: float = _TIMEOUT_S,
+    *,
+    trust_code: bool = False,
+) -> dict:
+    """Replays `path` in a fresh process; returns what it measured (never raises for a failed replay).
+
+    `trust_code`: the archive bundles the reporter's own code (`--bundle-code`),
+    which this check, run by that reporter, imports from the archive.
+    """
+    args = [path]
     for module in allow_modules:
-        command += ["--allow-module", module]
+        args += ["--allow-module", module]
+    if trust_code:
+        args.append("--trust-code")
     env = dict(os.environ)
     # The reporter's own modules must import exactly as they did in this process.
     env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
     env["JAX_ENABLE_COMPILATION_CACHE"] = "false"
     started = time.perf_counter()
     try:
-        done = subprocess.run(
-            command,
-            capture_output=True,
-            text=True,
-            env=env,
-            timeout=timeout,
-            stdin=subprocess.DEVNULL,
-        )
-    except subprocess.TimeoutExpired:
-        return {"ran": False, "error": f"the replay took longer than {timeout:.0f} s"}
+        result = run_worker("reprokit._selfcheck", args, env=env, timeout=timeout)
+    except WorkerFailed as error:
+        return {"ran": False, "error": f"the replay failed: {error}"}
     elapsed = time.perf_counter() - started
-    try:
-        result = json.loads(done.stdout.strip().splitlines()[-1])
-    except (ValueError, IndexError):
-        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
-        return {"ran": False, "error": " ".join(last.split())[:300]}
     result["elapsed_s"] = round(elapsed, 3)
     return result
 
@@ -86,11 +87,12 @@ def describe(result: dict, mode: str) -> list[str]:
 def _main(argv: list[str]) -> int:
     path, *rest = argv
     allow = tuple(rest[i + 1] for i, arg in enumerate(rest) if arg == "--allow-module")
+    trust_code = "--trust-code" in rest
     from reprokit._replay import load, recorded_outcome, replay_loaded, replayed_outcome
     from reprokit._verdict import judge
 
     try:
-        loaded = load(path, allow_modules=allow)
+        loaded = load(path, allow_modules=allow, trust_code=trust_code)
         verdict = replay_loaded(loaded)
         recorded_mode = loaded.manifest["mode"]
         other_mode = "eager" if recorded_mode == "jit" else "jit"

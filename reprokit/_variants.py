@@ -28,6 +28,7 @@ import numpy as np
 
 from reprokit._errors import ReplayError, UsageError
 from reprokit._progress import progress
+from reprokit._workers import WorkerFailed, run_worker
 
 REFERENCES = ("float64", "highest", "eager", "cpu")
 _WORKER_TIMEOUT_S = 600
@@ -159,27 +160,13 @@ def _worker_env(variant: str, loaded) -> dict[str, str] | None:
 
 def _run_worker(path: str, variant: str, condition: str, allow_modules, env) -> VariantRow:
     started = time.perf_counter()
-    command = [sys.executable, "-m", "reprokit._variants", str(path), variant]
+    args = [str(path), variant]
     for module in allow_modules:
-        command += ["--allow-module", module]
+        args += ["--allow-module", module]
     try:
-        done = subprocess.run(
-            command,
-            capture_output=True,
-            text=True,
-            env=env,
-            timeout=_WORKER_TIMEOUT_S,
-            stdin=subprocess.DEVNULL,
-        )
-    except subprocess.TimeoutExpired:
-        return VariantRow(condition=condition, ran=False, note="timed out", started=started)
-    try:
-        row = json.loads(done.stdout.strip().splitlines()[-1])
-    except (ValueError, IndexError):
-        last = (done.stderr.strip().splitlines() or ["no output"])[-1][:200]
-        return VariantRow(
-            condition=condition, ran=False, note=f"worker failed: {last}", started=started
-        )
+        row = run_worker("reprokit._variants", args, env=env, timeout=_WORKER_TIMEOUT_S)
+    except WorkerFailed as error:
+        return VariantRow(condition=condition, ran=False, note=f"worker failed: {error}", started=started)
     row.update(condition=condition, started=started, elapsed_s=time.perf_counter() - started)
     return VariantRow(**row)
 
