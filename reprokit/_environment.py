@@ -415,6 +415,11 @@ def scrub_text(text: str) -> str:
     return text
 
 
+# Flags whose value is a file or folder on the packing machine, even a relative one
+# (--xla_dump_to=dumps): recorded as a placeholder, which replay then leaves out.
+_NAMES_A_FILE = re.compile(r"(_to|_dir|_file|_path|_prefix)$")
+
+
 def _looks_like_path(value: str) -> bool:
     return "/" in value or "\\" in value or value.startswith("~")
 
@@ -537,7 +542,7 @@ def _filter_flags(raw: str, token_pattern: re.Pattern[str]) -> tuple[list[str], 
             dropped += 1
             continue
         name, sep, value = token.partition("=")
-        if sep and _looks_like_path(value):
+        if sep and (_looks_like_path(value) or _NAMES_A_FILE.search(name)):
             # Dump and data directories describe the packing machine.
             token = f"{name}={PATH_PLACEHOLDER}"
         elif sep:

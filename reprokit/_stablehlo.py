@@ -106,8 +106,36 @@ def _aval_json(aval) -> list:
     return [list(aval.shape), aval.dtype.name, bool(aval.weak_type)]
 
 
-def rebuild_exported(blob: bytes, meta: dict):
-    """A `jax.export.Exported` from the archive's module bytes and calling convention."""
+def _parse_in_child(blob: bytes, meta: dict) -> None:
+    # MLIR's bytecode reader is native code that a doctored module can crash
+    # (seen: segfaults), so the first parse happens in a throwaway process.
+    import json
+    import os
+    import tempfile
+
+    from reprokit._workers import WorkerFailed, run_worker
+
+    with tempfile.TemporaryDirectory() as folder:
+        module = os.path.join(folder, "module.mlirbc")
+        convention = os.path.join(folder, "convention.json")
+        with open(module, "wb") as file:
+            file.write(blob)
+        with open(convention, "w") as file:
+            json.dump(meta, file)
+        try:
+            result = run_worker("reprokit._stablehlo", [module, convention], env=None, timeout=300)
+        except WorkerFailed as error:
+            raise ArchiveError(f"the archive's StableHLO module failed to parse safely ({error})") from None
+    if not result.get("ok"):
+        raise ArchiveError(f"the archive's StableHLO module is refused: {result.get('error')}")
+
+
+def rebuild_exported(blob: bytes, meta: dict, *, check_in_child: bool = True):
+    """A `jax.export.Exported` from the archive's module bytes and calling convention.
+
+    The module is first parsed in a child process (`check_in_child`), so a
+    module that crashes the parser cannot take this process down.
+    """
     import jax
 
     from reprokit._arrays import dtype_from_name
@@ -145,6 +173,8 @@ def rebuild_exported(blob: bytes, meta: dict):
         uses_global_constants=bool(meta.get("uses_global_constants", False)),
         _get_vjp=None,
     )
+    if check_in_child:
+        _parse_in_child(blob, meta)
     try:
         text = exported.mlir_module()
     except Exception:
@@ -179,3 +209,27 @@ def call_exported(exported, record: dict) -> tuple[Any, Any]:
     if structure.num_leaves != len(flat):
         raise ArchiveError("the StableHLO module's results do not match the recorded output")
     return jax.tree_util.tree_unflatten(structure, list(flat))
+
+
+def _main(argv: list[str]) -> int:
+    """Child side of the safe parse: parse and check the module, print {"ok": true}."""
+    import json
+
+    module, convention = argv
+    with open(module, "rb") as file:
+        blob = file.read()
+    with open(convention) as file:
+        meta = json.load(file)
+    try:
+        rebuild_exported(blob, meta, check_in_child=False)
+    except Exception as error:  # reported by the parent as one line
+        print(json.dumps({"ok": False, "error": f"{type(error).__name__}: {error}"[:300]}))
+        return 1
+    print(json.dumps({"ok": True}))
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(_main(sys.argv[1:]))

@@ -34,6 +34,8 @@ def run_worker(module: str, args: list[str], *, env: dict | None, timeout: float
     try:
         result = json.loads(done.stdout.strip().splitlines()[-1])
     except (ValueError, IndexError):
+        if done.returncode < 0:
+            raise WorkerFailed(f"the worker process crashed (signal {-done.returncode})") from None
         last = (done.stderr.strip().splitlines() or ["no output"])[-1]
         raise WorkerFailed(" ".join(last.split())[:300]) from None
     if not isinstance(result, dict):

@@ -134,3 +134,14 @@ print(json.dumps([d.field for d in diff_environments(recorded, capture_environme
     code, verdict = run_json("run", out)
     assert code == 0 and verdict["output_bitwise_equal"]
     assert jax.config.jax_enable_x64 is False  # this process is untouched
+
+
+def test_a_stablehlo_module_that_crashes_the_parser_is_refused_not_fatal():
+    # Found by fuzzing: a mutated module (CRC fixed up) that segfaults MLIR's bytecode reader.
+    from conftest import TESTS
+
+    archive = TESTS / "data" / "stablehlo-parser-crash.repro.zip"
+    result = run_reprokit("run", archive, "--stablehlo")
+    assert result.returncode == 3
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("reprokit: error: the archive's StableHLO module failed to parse safely")
