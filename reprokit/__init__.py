@@ -28,10 +28,18 @@ from reprokit._errors import (
 )
 
 if TYPE_CHECKING:
+    from reprokit._find import FindResult, find, search
     from reprokit._pack import PackResult, pack
     from reprokit._replay import LoadedArchive, Verdict, load, replay
+    from reprokit._watch import FaultDetected, Watched, watch
 
 _LAZY = {
+    "find": "reprokit._find",
+    "search": "reprokit._find",
+    "FindResult": "reprokit._find",
+    "watch": "reprokit._watch",
+    "Watched": "reprokit._watch",
+    "FaultDetected": "reprokit._watch",
     "pack": "reprokit._pack",
     "PackResult": "reprokit._pack",
     "load": "reprokit._replay",
@@ -43,6 +51,8 @@ _LAZY = {
 __all__ = [
     "ArchiveError",
     "CaptureError",
+    "FaultDetected",
+    "FindResult",
     "LoadedArchive",
     "PackResult",
     "RefusedTypeError",
@@ -50,9 +60,13 @@ __all__ = [
     "ReprokitError",
     "UsageError",
     "Verdict",
+    "Watched",
+    "find",
     "load",
     "pack",
     "replay",
+    "search",
+    "watch",
 ]
 
 

@@ -74,8 +74,54 @@ DENIED_CALLABLES = frozenset(
         "jax.lax:custom_linear_solve",
         "jax.lax:custom_root",
         "jax.lax:associative_scan",
+        # These call a function passed as an argument; through functools.partial
+        # an archive would choose it (any allowed class or builtin type).
+        "jax.numpy:apply_along_axis",
+        "jax.numpy:apply_over_axes",
+        "jax.numpy:mask_indices",
+        "jax.lax:reduce",
+        "jax.lax:reduce_window",
+        "jax.lax:scatter_apply",
+        "jax.lax:composite",
+        "jax.lax:platform_dependent",
     }
 )
+
+# Modules whose names an archive may never use, not even with --allow-module
+# (and `reprokit inspect`, which resolves nothing, still refuses them): the
+# standard library (os, subprocess, builtins, importlib, pickle, ...), the
+# libraries reprokit trusts only through the lists above, and common packages
+# that hold no penzai layers but whose functions install packages, unpickle,
+# fetch URLs or run commands. An archive can ask a maintainer to allow a
+# module; these are the ones a hurried "sure" must not open. Defense in depth:
+# the rule remains that --allow-module is for one's own layer code.
+_NEVER_USER_ROOTS = frozenset(sys.stdlib_module_names) | {
+    "jax",
+    "jaxlib",
+    "numpy",
+    "ml_dtypes",
+    "reprokit",
+    "pip",
+    "setuptools",
+    "pkg_resources",
+    "IPython",
+    "ipykernel",
+    "requests",
+    "urllib3",
+    "httpx",
+    "yaml",
+    "dill",
+    "cloudpickle",
+    "joblib",
+    "fsspec",
+    "torch",
+    "tensorflow",
+    "orbax",
+    "treescope",
+    "msgpack",
+    "click",
+    "jinja2",
+}
 
 _CALLABLE_TYPES: tuple[type, ...] = (
     types.FunctionType,
@@ -112,6 +158,13 @@ class AllowList:
         for module in self.extra_modules:
             if not module or not all(part.isidentifier() for part in module.split(".")):
                 raise RefusedTypeError(f"--allow-module {module!r} is not a module name")
+            if module.split(".")[0] in _NEVER_USER_ROOTS:
+                # Penzai layers never live there, and allowing `os` or `jax`
+                # wholesale would admit os.system or jax.pure_callback.
+                raise RefusedTypeError(
+                    f"--allow-module {module}: reprokit never allows the standard library, "
+                    "jax, numpy, reprokit or general-purpose packages such as pip or yaml"
+                )
 
     def _in_extra(self, module: str) -> bool:
         return any(module == m or module.startswith(m + ".") for m in self.extra_modules)
@@ -119,14 +172,43 @@ class AllowList:
     def type_module_allowed(self, module: str) -> bool:
         return self._in_extra(module) or (
             is_public_module(module)
-            and any(module.startswith(p) or module == p.rstrip(".") for p in TYPE_MODULE_PREFIXES)
+            # "penzai.toolshed.jit_wrapper" must not also admit "...jit_wrapper2".
+            and any(
+                module.startswith(p)
+                if p.endswith(".")
+                else module == p or module.startswith(p + ".")
+                for p in TYPE_MODULE_PREFIXES
+            )
         )
 
-    def resolve_type(self, name: str) -> type:
-        """The class called `module:qualname`, if this loader allows rebuilding it."""
+    def check_type_name(self, name: str) -> tuple[str, str]:
+        """Checks a class name by the rules alone, importing nothing; returns (module, qualname).
+
+        `reprokit verify` runs this on every class an archive names; `resolve_type`
+        runs it before importing anything.
+        """
         module, qualname = _split(name)
         if not self.type_module_allowed(module):
             raise RefusedTypeError(_refusal(name, "type", module))
+        return module, qualname
+
+    def check_callable_name(self, name: str) -> tuple[str, str]:
+        """Checks a function name by the rules alone, importing nothing; returns (module, qualname)."""
+        module, qualname = _split(name)
+        if name in DENIED_CALLABLES:
+            raise RefusedTypeError(f"archive references {name!r}, which reprokit never calls")
+        if module in CALLABLE_NAMESPACES:
+            if "." in qualname or qualname.startswith("_"):
+                raise RefusedTypeError(
+                    f"archive references {name!r}, which is not a public function"
+                )
+        elif not self._in_extra(module):
+            raise RefusedTypeError(_refusal(name, "function", module))
+        return module, qualname
+
+    def resolve_type(self, name: str) -> type:
+        """The class called `module:qualname`, if this loader allows rebuilding it."""
+        module, qualname = self.check_type_name(name)
         obj = _lookup(module, qualname, name)
         if not isinstance(obj, type):
             raise RefusedTypeError(f"archive names {name!r} as a type, but it is not a class")
@@ -136,14 +218,8 @@ class AllowList:
 
     def resolve_callable(self, name: str):
         """The function called `module:qualname`, if this loader allows referencing it."""
-        module, qualname = _split(name)
-        if name in DENIED_CALLABLES:
-            raise RefusedTypeError(f"archive references {name!r}, which reprokit never calls")
+        module, qualname = self.check_callable_name(name)
         if module in CALLABLE_NAMESPACES:
-            if "." in qualname or qualname.startswith("_"):
-                raise RefusedTypeError(
-                    f"archive references {name!r}, which is not a public function"
-                )
             obj = getattr(_import(module, name), qualname, None)
             if obj is None or not isinstance(obj, _jax_callable_types()):
                 raise RefusedTypeError(
@@ -158,9 +234,71 @@ class AllowList:
         raise RefusedTypeError(_refusal(name, "function", module))
 
 
+def brief(value: object, limit: int = 80) -> str:
+    """A short repr of an untrusted value for a one-line message.
+
+    Never recurses: the repr of a list nested a thousand levels deep raises
+    RecursionError, which would turn a refusal into a crash.
+    """
+    if isinstance(value, str):
+        return repr(value[:limit]) + ("..." if len(value) > limit else "")
+    if value is None or isinstance(value, (bool, float)):
+        return repr(value)
+    if isinstance(value, int) and abs(value) < 10**30:
+        return repr(value)
+    return f"a {type(value).__name__}"
+
+
+def check_name_for_viewing(name: str, kind: str) -> None:
+    """Refuses, importing nothing, a name no `--allow-module` should ever admit.
+
+    For `reprokit inspect`, which rebuilds nothing and so lets an archive name
+    the maintainer's own modules, yet must still refuse an archive that names
+    `os:system`, `builtins:eval`, `numpy:memmap` or a private or denied name.
+    `kind` is "type" or "function".
+    """
+    module, qualname = _split(name)
+    if kind == "function":
+        if name in DENIED_CALLABLES:
+            raise RefusedTypeError(f"archive references {name!r}, which reprokit never calls")
+        if module in CALLABLE_NAMESPACES:
+            if "." in qualname or qualname.startswith("_"):
+                raise RefusedTypeError(
+                    f"archive references {name!r}, which is not a public function"
+                )
+            return
+    elif AllowList().type_module_allowed(module):
+        return
+    if module.split(".")[0] in _NEVER_USER_ROOTS or not is_public_module(module):
+        raise RefusedTypeError(
+            f"archive names the {kind} {name!r}, which is not on reprokit's allow-list"
+        )
+
+
+def check_module_for_viewing(module: object) -> None:
+    """Refuses a module name no `--allow-module` should admit (see `check_name_for_viewing`).
+
+    The manifest lists the user modules an archive needs, and `inspect`
+    suggests `--allow-module` for each: an archive must not be able to make
+    that suggestion for `os` or `subprocess`.
+    """
+    if (
+        not isinstance(module, str)
+        or not module.isascii()
+        or not is_public_module(module)
+        or module.split(".")[0] in _NEVER_USER_ROOTS
+    ):
+        raise RefusedTypeError(
+            f"manifest.json lists {brief(module)} as a module to allow; reprokit never "
+            "allows that module"
+        )
+
+
 def _split(name: str) -> tuple[str, str]:
-    if not isinstance(name, str) or name.count(":") != 1 or len(name) > 500:
-        raise RefusedTypeError(f"archive holds a malformed name {str(name)[:80]!r}")
+    # ASCII only: identifiers that differ only by Unicode normalization could
+    # otherwise display as one name and resolve as another.
+    if not isinstance(name, str) or name.count(":") != 1 or len(name) > 500 or not name.isascii():
+        raise RefusedTypeError(f"archive holds a malformed name {brief(name)}")
     module, qualname = name.split(":")
     parts = qualname.split(".")
     if not all(p.isidentifier() and not p.startswith("__") for p in parts) or not all(
@@ -172,7 +310,9 @@ def _split(name: str) -> tuple[str, str]:
 
 def _refusal(name: str, what: str, module: str) -> str:
     root = module.split(".")[0]
-    if root in ("penzai", "jax", "numpy", "ml_dtypes"):
+    # Never advise --allow-module for the standard library or reprokit's own
+    # dependencies: an archive naming os:system must not get that advice printed.
+    if root == "penzai" or root in _NEVER_USER_ROOTS or not is_public_module(module):
         return f"archive names the {what} {name!r}, which is not on reprokit's allow-list"
     return (
         f"archive needs the {what} {name!r} from module {module!r}, which is not allowed; "
@@ -221,21 +361,28 @@ def _callable_name_table() -> dict[int, str]:
     return _callable_names
 
 
-def name_of_type(cls: type, where: str) -> str:
-    """The `module:qualname` under which a class can be rebuilt, or a CaptureError saying why not."""
+def name_of_type(cls: type, where: str, aliases: dict[str, str] | None = None) -> str:
+    """The `module:qualname` under which a class can be rebuilt, or a CaptureError saying why not.
+
+    `aliases` renames modules: with `--bundle-code`, a script's `__main__`
+    becomes the module its extracted source is bundled as.
+    """
     module, qualname = cls.__module__, cls.__qualname__
+    module = (aliases or {}).get(module, module)
     _refuse_local(module, qualname, f"class {qualname}", where)
     return f"{module}:{qualname}"
 
 
-def name_of_callable(fn, where: str, extra_modules: Iterable[str] = ()) -> str:
+def name_of_callable(
+    fn, where: str, extra_modules: Iterable[str] = (), aliases: dict[str, str] | None = None
+) -> str:
     """The name under which a callable can be referenced, or a CaptureError saying why not."""
     known = _callable_name_table().get(id(fn))
     if known is not None:
         return known
     module = getattr(fn, "__module__", None) or "?"
     qualname = getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or repr(fn)
-    _refuse_local(module, qualname, f"function {qualname}", where)
+    _refuse_local((aliases or {}).get(module, module), qualname, f"function {qualname}", where)
     if not isinstance(fn, _jax_callable_types()):
         raise CaptureError(
             f"{where} holds {fn!r}, which reprokit cannot save; use a plain function defined at "
@@ -247,7 +394,7 @@ def name_of_callable(fn, where: str, extra_modules: Iterable[str] = ()) -> str:
             f"{where} holds {module}.{qualname}, which cannot be found again by that name; "
             "define it at module level under its own name"
         )
-    return f"{module}:{qualname}"
+    return f"{(aliases or {}).get(module, module)}:{qualname}"
 
 
 def _get_path(obj, qualname: str):
@@ -270,8 +417,8 @@ def _refuse_local(module: str, qualname: str, what: str, where: str) -> None:
     if module == "__main__" or module.startswith("__reprokit_target"):
         raise CaptureError(
             f"{where} holds {what}, defined in the script being run (__main__), which a "
-            "maintainer cannot import; move it into an importable module and pass "
-            "--allow-module MODULE when replaying"
+            "maintainer cannot import; pack with --bundle-code (bundle_code=True) to ship its "
+            "source, or move it into an importable module and pass --allow-module MODULE when replaying"
         )
 
 

@@ -32,6 +32,7 @@ import re
 import secrets
 import stat
 import struct
+import sys
 import threading
 import unicodedata
 import weakref
@@ -101,12 +102,20 @@ _DOS_DATE = (1 << 5) | 1
 
 # Chunk size for streaming members; big enough that per-chunk overhead is
 # noise, small enough that a chunk stays in cache between write and CRC.
-_CHUNK = 8 * 2**20
+# zlib.crc32 runs at ~5 GB/s on cached data but ~2.4 GB/s from RAM (2-core
+# VM, benchmarks/): at 1 GiB, 8 MiB chunks wrote at 1.36x raw write+fsync
+# and loaded at 2.3x raw cold read, 1 MiB chunks at 1.14x and 1.5x.
+_CHUNK = 2**20
 # Below this, handing a chunk to the CRC thread costs more than it saves.
 _PIPELINE_MIN = 2 * _CHUNK
 # Members up to this size are copied behind their header to save a system
 # call; larger ones are written straight from the caller's buffer.
 _COALESCE_MAX = 64 * 2**10
+# Every this many bytes written, the kernel is asked to start writing them to
+# disk (Linux sync_file_range), so the disk works while later chunks are
+# copied and checksummed and the final fsync finds little left: at 1 GiB this
+# took the writer from 1.14x to 0.83-0.9x a plain write+fsync.
+_WRITEBACK_STEP = 32 * 2**20
 # The ratio limit is only applied to members declaring more than this many
 # bytes: tiny, repetitive text members legitimately compress very well, and a
 # bomb needs a large declared size to do harm anyway.
@@ -295,6 +304,28 @@ def _discard_temp(file: Any, temp_path: str, pool_box: list[Any]) -> None:
         pass
 
 
+_sync_file_range: Any = None  # looked up on first use; False where missing
+
+
+def _start_writeback(fd: int, offset: int, length: int) -> None:
+    """Start writing a finished range of `fd` to disk without waiting (Linux; else nothing)."""
+    global _sync_file_range
+    if _sync_file_range is None:
+        _sync_file_range = False
+        if sys.platform.startswith("linux"):
+            try:
+                import ctypes
+
+                function = ctypes.CDLL(None, use_errno=True).sync_file_range
+                function.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
+                _sync_file_range = function
+            except (OSError, AttributeError):
+                pass
+    if _sync_file_range:
+        # SYNC_FILE_RANGE_WRITE; a failure only loses the head start, fsync still runs.
+        _sync_file_range(fd, offset, length, 2)
+
+
 def _fsync_folder(folder: str) -> None:
     """Make a rename in `folder` durable, where the platform supports that."""
     if not hasattr(os, "O_DIRECTORY"):
@@ -349,6 +380,7 @@ class ArchiveWriter:
             self, _discard_temp, self._file, temp_path, self._pool_box
         )
         self._offset = 0
+        self._written_back = 0
         self._entries: list[_WrittenEntry] = []
         self._names: set[str] = set()
         self._closed = False
@@ -479,6 +511,10 @@ class ArchiveWriter:
             written = self._file.write(view)
             view = view[written:]
         self._offset += len(data)
+        if self._offset - self._written_back >= _WRITEBACK_STEP:
+            start = self._written_back
+            _start_writeback(self._file.fileno(), start, self._offset - start)
+            self._written_back = self._offset
 
     def _local_header(
         self, name: bytes, method: int, crc: int, compressed_size: int, size: int, align: bool

@@ -14,6 +14,7 @@ the script and `reprokit run` rebuild arrays with the same code.
 from __future__ import annotations
 
 import math
+import re
 from typing import Any
 
 import ml_dtypes
@@ -30,6 +31,16 @@ _ML_DTYPE_NAMES = frozenset(
 )
 _PRNG_IMPLS = frozenset({"threefry2x32", "rbg", "unsafe_rbg"})
 _MAX_RANK = 64
+# Sharding descriptors (optional; absent means one device): the mesh, axis
+# types and partition spec of a NamedSharding, enough to rebuild it on any
+# machine with as many devices. Device ids only order the mesh.
+_SHARDING_KEYS = frozenset(
+    {"mesh_shape", "axis_names", "axis_types", "spec", "device_count", "device_ids"}
+)
+_AXIS_TYPES = frozenset({"Auto", "Explicit", "Manual"})
+_MAX_DEVICES = 1 << 20
+# Arrays of a multi-process capture live in an orbax checkpoint in the archive.
+_CHECKPOINT_KEY = re.compile(r"a(0|[1-9][0-9]{0,8})")
 
 
 def dtype_from_name(name: str) -> np.dtype:
@@ -66,12 +77,131 @@ def check_descriptor(desc: dict) -> int:
         raise ValueError("weak_type is not a boolean")
     if desc.get("fill", None) not in (None, "zeros"):
         raise ValueError(f"unknown array fill {desc.get('fill')!r}")
-    if kind == "key" and desc.get("key_impl") not in _PRNG_IMPLS:
+    # isinstance first: `in` on a frozenset hashes, and a list does not hash.
+    if kind == "key" and not (
+        isinstance(desc.get("key_impl"), str) and desc["key_impl"] in _PRNG_IMPLS
+    ):
         raise ValueError(f"unknown PRNG implementation {desc.get('key_impl')!r}")
     nbytes = math.prod(shape) * dtype.itemsize
     if desc.get("nbytes") != nbytes:
         raise ValueError("array byte size does not match its dtype and shape")
+    if "sharding" in desc:
+        check_sharding(desc["sharding"], len(shape))
+    if "checkpoint" in desc:
+        key = desc["checkpoint"]
+        if not isinstance(key, str) or not _CHECKPOINT_KEY.fullmatch(key):
+            raise ValueError("array checkpoint key is malformed")
+        if desc.get("fill") is not None:
+            raise ValueError("array is both zero-filled and stored in the checkpoint")
     return nbytes
+
+
+def check_sharding(sharding: Any, rank: int) -> None:
+    """Validates a sharding descriptor for an array of `rank` dimensions; raises ValueError."""
+    if not isinstance(sharding, dict) or not (
+        _SHARDING_KEYS - {"device_ids"} <= sharding.keys() <= _SHARDING_KEYS
+    ):
+        raise ValueError("array sharding is not a map of the expected fields")
+    mesh_shape = sharding["mesh_shape"]
+    names, types = sharding["axis_names"], sharding["axis_types"]
+    if not isinstance(mesh_shape, list) or not 0 < len(mesh_shape) <= _MAX_RANK:
+        raise ValueError("sharding mesh shape is not a list of sizes")
+    if not all(type(size) is int and 0 < size <= _MAX_DEVICES for size in mesh_shape):
+        raise ValueError("sharding mesh shape holds an invalid size")
+    count = sharding["device_count"]
+    if type(count) is not int or count != math.prod(mesh_shape) or count > _MAX_DEVICES:
+        raise ValueError("sharding device count does not match its mesh shape")
+    if (
+        not isinstance(names, list)
+        or len(names) != len(mesh_shape)
+        or not all(
+            isinstance(n, str) and n.isascii() and n.isidentifier() and len(n) <= 64 for n in names
+        )
+        or len(set(names)) != len(names)
+    ):
+        raise ValueError("sharding axis names are not distinct identifiers, one per mesh axis")
+    if (
+        not isinstance(types, list)
+        or len(types) != len(names)
+        or not all(isinstance(t, str) and t in _AXIS_TYPES for t in types)
+    ):
+        raise ValueError("sharding axis types are not Auto, Explicit or Manual, one per axis")
+    spec = sharding["spec"]
+    if not isinstance(spec, list) or len(spec) > rank:
+        raise ValueError("sharding spec is not a list of at most one entry per dimension")
+    used: list[str] = []
+    for entry in spec:
+        axes = [] if entry is None else [entry] if isinstance(entry, str) else entry
+        if not isinstance(axes, list) or not all(isinstance(a, str) and a in names for a in axes):
+            raise ValueError("sharding spec names an axis the mesh does not have")
+        used += axes
+    if len(set(used)) != len(used):
+        raise ValueError("sharding spec uses a mesh axis twice")
+    ids = sharding.get("device_ids")
+    if ids is not None and (
+        not isinstance(ids, list)
+        or len(ids) != count
+        or not all(type(i) is int and 0 <= i < 2**31 for i in ids)
+        or len(set(ids)) != count
+    ):
+        raise ValueError("sharding device ids are not distinct device numbers, one per device")
+
+
+def sharding_descriptor(sharding: Any) -> dict | None:
+    """The descriptor of a jax sharding over several devices; None for one device or other kinds."""
+    import jax
+
+    if not isinstance(sharding, jax.sharding.NamedSharding) or sharding.mesh.size <= 1:
+        return None
+    spec = []
+    for entry in sharding.spec:
+        if entry is None or isinstance(entry, str):
+            spec.append(entry)
+        elif isinstance(entry, tuple) and all(isinstance(a, str) for a in entry):
+            spec.append(list(entry))
+        else:  # P.UNCONSTRAINED and the like: no concrete layout to record
+            return None
+    if getattr(sharding.spec, "unreduced", None) or getattr(sharding.spec, "reduced", None):
+        return None
+    mesh = sharding.mesh
+    return {
+        "mesh_shape": [int(size) for size in mesh.devices.shape],
+        "axis_names": [str(name) for name in mesh.axis_names],
+        "axis_types": [t.name for t in mesh.axis_types],
+        "spec": spec,
+        "device_count": int(mesh.size),
+        "device_ids": [int(device.id) for device in mesh.devices.flat],
+    }
+
+
+def named_sharding(sharding: dict, spec: list | None = None, devices: Any = None) -> Any:
+    """Rebuilds a recorded sharding on this machine's devices; None if it has too few.
+
+    The recorded device ids order the mesh when all of them exist here,
+    otherwise the first devices are used in order. `spec` overrides the
+    recorded partition spec (for a key array's data, which has one more axis).
+    """
+    import jax
+
+    devices = list(jax.devices() if devices is None else devices)
+    count = sharding["device_count"]
+    if len(devices) < count:
+        return None
+    by_id = {device.id: device for device in devices}
+    ids = sharding.get("device_ids") or []
+    chosen = [by_id[i] for i in ids] if ids and all(i in by_id for i in ids) else devices[:count]
+    grid = np.empty(len(chosen), dtype=object)
+    grid[:] = chosen
+    mesh = jax.sharding.Mesh(
+        grid.reshape(sharding["mesh_shape"]),
+        tuple(sharding["axis_names"]),
+        axis_types=tuple(getattr(jax.sharding.AxisType, t) for t in sharding["axis_types"]),
+    )
+    entries = sharding["spec"] if spec is None else spec
+    partition = jax.sharding.PartitionSpec(
+        *[tuple(e) if isinstance(e, list) else e for e in entries]
+    )
+    return jax.sharding.NamedSharding(mesh, partition)
 
 
 def describe(value: Any) -> tuple[dict, np.ndarray]:
@@ -89,6 +219,9 @@ def describe(value: Any) -> tuple[dict, np.ndarray]:
         data = np.asarray(value, order="C")
         desc = {"kind": "numpy"}
     desc.update(dtype=data.dtype.name, shape=list(data.shape), nbytes=int(data.nbytes))
+    sharding = sharding_descriptor(getattr(value, "sharding", None))
+    if sharding is not None:
+        desc["sharding"] = sharding
     return desc, data
 
 
@@ -99,11 +232,12 @@ def aligned_zeros(nbytes: int) -> np.ndarray:
     return backing[start : start + nbytes]
 
 
-def rebuild(desc: dict, raw: np.ndarray) -> Any:
+def rebuild(desc: dict, raw: np.ndarray, sharding: Any = None) -> Any:
     """Rebuilds an array from its descriptor and a uint8 buffer of its bytes.
 
     The buffer is reinterpreted, not copied; for jax arrays `device_put` can
-    alias it when it is 64-byte aligned.
+    alias it when it is 64-byte aligned. `sharding` places a jax array (for
+    keys: their data) on several devices; None puts it on the default device.
     """
     import jax
 
@@ -114,8 +248,8 @@ def rebuild(desc: dict, raw: np.ndarray) -> Any:
     if desc["kind"] == "numpy":
         return data
     if desc["kind"] == "key":
-        return jax.random.wrap_key_data(jax.device_put(data), impl=desc["key_impl"])
-    array = jax.device_put(data)
+        return jax.random.wrap_key_data(jax.device_put(data, sharding), impl=desc["key_impl"])
+    array = jax.device_put(data, sharding)
     if desc.get("weak_type"):
         array = _as_weak_type(array)
     return array

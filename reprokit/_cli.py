@@ -31,6 +31,7 @@ from reprokit._errors import (
     ReprokitError,
     UsageError,
 )
+from reprokit._sharding import MESH_HELP as _MESH_HELP
 
 EXIT_CODES_HELP = f"""\b
 Exit codes:
@@ -80,6 +81,9 @@ def _check_output_options(as_json: bool, quiet: bool) -> None:
     """--json and --quiet contradict each other; say so instead of picking one."""
     if as_json and quiet:
         raise UsageError("choose one of --json and --quiet")
+    from reprokit import _progress
+
+    _progress.silenced = as_json or quiet
 
 
 def _allow_module_option(fn):
@@ -260,6 +264,20 @@ def _walk_with_keypaths(model):
     help="The layer to pack, as pz.pretty_keystr prints it, e.g. 'MLP.sublayers[2]/Affine.sublayers[0]' (see --list).",
 )
 @click.option(
+    "--find",
+    "find_check",
+    type=click.Choice(["nonfinite", "exception", "mismatch"]),
+    default=None,
+    help="Instead of --select: find the misbehaving layer in one instrumented pass (innermost "
+    "layer with well-behaved inputs), then pack it; the archive records how it was found. "
+    "With --find, --mode runs the whole model eagerly or under jit.",
+)
+@click.option(
+    "--explain",
+    is_flag=True,
+    help="With --find: print the layer tree with each layer's status, culprit marked.",
+)
+@click.option(
     "-o", "--out", default=None, metavar="FILE", help="Archive to write [default: LAYER.repro.zip]."
 )
 @click.option(
@@ -307,6 +325,26 @@ def _walk_with_keypaths(model):
     is_flag=True,
     help="List the model's layers with their keypaths and exit.",
 )
+@click.option(
+    "--bundle-code",
+    is_flag=True,
+    help="Copy the source of your own modules the layer needs (and of classes defined in "
+    "the script) into the archive, with their sha256; maintainers import it only with "
+    "reprokit run --trust-code.",
+)
+@click.option(
+    "--gather",
+    is_flag=True,
+    help="Several jax processes: gather arrays no process holds whole to every process "
+    "instead of writing their shards with orbax (small layers only).",
+)
+@click.option(
+    "--shards-dir",
+    default=None,
+    metavar="DIR",
+    help="Several jax processes: a folder all of them can reach, where each writes its "
+    "shards [default: next to the archive].",
+)
 @_json_option
 @_quiet_option
 @_allow_module_option
@@ -327,6 +365,11 @@ def pack(
     debug,
     as_json=False,
     quiet=False,
+    find_check=None,
+    explain=False,
+    bundle_code=False,
+    gather=False,
+    shards_dir=None,
 ):
     """Run TARGET's model once and pack the selected layer's call into an archive.
 
@@ -351,8 +394,36 @@ def pack(
                 for path, kind in layers:
                     click.echo(f"{kind:32} {path or '(root)'}")
             return
+        if find_check and (bundle_code or gather or shards_dir):
+            raise UsageError("--bundle-code, --gather and --shards-dir go with --select")
+        if find_check:
+            _find_and_pack(
+                model,
+                argument,
+                side_inputs,
+                find_check,
+                keypath=keypath,
+                call=call,
+                explain=explain,
+                out=out,
+                mode=mode,
+                as_json=as_json,
+                quiet=quiet,
+                note=note,
+                signature=signature,
+                allow_modules=allow_modules,
+                check=check,
+                redact=list(redact),
+                max_size=max_size,
+            )
+            return
+        if explain:
+            raise UsageError("--explain goes with --find CHECK")
         if not keypath:
-            raise UsageError("choose the layer with --select KEYPATH (list them with --list)")
+            raise UsageError(
+                "choose the layer with --select KEYPATH (list them with --list), or let "
+                "--find nonfinite|exception|mismatch find it"
+            )
         from reprokit._pack import pack as pack_fn
 
         selection = _select(model, keypath)
@@ -370,11 +441,65 @@ def pack(
             check=check,
             redact=list(redact),
             max_size=max_size,
+            bundle_code=bundle_code,
+            gather=gather,
+            shards_dir=shards_dir,
         )
         if as_json:
             click.echo(json.dumps(dataclasses.asdict(result), indent=1))
         elif not quiet:
             click.echo(result.summary())
+
+
+def _find_and_pack(
+    model,
+    argument,
+    side_inputs,
+    find_check,
+    *,
+    keypath,
+    call,
+    explain,
+    out,
+    mode,
+    as_json,
+    quiet,
+    **options,
+):
+    """`pack --find CHECK`: locate the layer (reprokit.search), then pack the call it found."""
+    from penzai import pz
+
+    from reprokit._find import search
+
+    if keypath:
+        raise UsageError("pass either --select KEYPATH or --find CHECK, not both")
+    if call is not None:
+        raise UsageError("--find picks the call that misbehaved; drop --call")
+    if not isinstance(model, pz.nn.Layer):
+        raise UsageError(
+            f"the target returned a {type(model).__name__} as model, not a pz.nn.Layer"
+        )
+    try:
+        found = search(model, argument, side_inputs=side_inputs, check=find_check, mode=mode)
+    except ReprokitError as error:
+        if explain and getattr(error, "report", None) and not as_json:
+            click.echo(error.report)
+        raise
+    if explain and not as_json:
+        click.echo(found.report)
+        click.echo()
+    result = found.pack(
+        out or f"{found.layer_type.rsplit('.', 1)[-1].lower()}.repro.zip", **options
+    )
+    if as_json:
+        payload = {**dataclasses.asdict(result), "found_by": found.found_by}
+        if explain:
+            payload["report"] = found.report
+        click.echo(json.dumps(payload, indent=1))
+    elif not quiet:
+        where = f"call {found.call_index + 1} of {found.call_count}"
+        click.echo(f"found by --find {find_check}: {found.keypath} ({where})")
+        click.echo(result.summary())
 
 
 # ------------------------------------------------------------------ run
@@ -444,6 +569,13 @@ def _put_recorded_xla_flags(path: str) -> list[str]:
     show_default=True,
     help="What counts as success (exit 0): the issue reproducing, or it being fixed (for CI).",
 )
+@click.option("--mesh", default=None, metavar="MESH", help=_MESH_HELP)
+@click.option(
+    "--trust-code",
+    is_flag=True,
+    help="Import the reporter's code bundled in the archive (pack --bundle-code). It runs "
+    "with your permissions: read it first (reprokit inspect lists it).",
+)
 @_quiet_option
 @_allow_module_option
 @_limits_options
@@ -459,12 +591,16 @@ def run(
     debug,
     expect="reproduced",
     quiet=False,
+    mesh=None,
+    trust_code=False,
 ):
     """Replay ARCHIVE and say whether the recorded issue reproduces here.
 
     Checks every member, restores the recorded jax configuration and XLA flags,
     rebuilds the layer from reprokit's allow-list (never unpickling or running
-    code from the archive), calls it in the recorded mode (eager or jit), and
+    code from the archive; bundled code only with --trust-code), places sharded
+    arrays on the recorded mesh or one device (--mesh), calls it in the recorded
+    mode (eager or jit), and
     compares the outcome with the recorded one: bitwise, or max abs/rel error per
     output leaf. The exit code follows the main verdict, not the extra checks.
 
@@ -481,7 +617,13 @@ def run(
         from reprokit import _variants
         from reprokit._replay import load, replay_loaded
 
-        loaded = load(archive, allow_modules=allow_modules, limits=_limits())
+        loaded = load(
+            archive,
+            allow_modules=allow_modules,
+            limits=_limits(),
+            mesh=mesh,
+            trust_code=trust_code,
+        )
         verdict = replay_loaded(loaded, stablehlo=stablehlo)
         if notes:
             verdict = _with_notes(verdict, notes)
@@ -623,7 +765,7 @@ def env(diff_archive, as_json, quiet, debug):
     and this one: versions, platform and device, jax config, JAX_*/XLA_*
     variables, XLA flags; the lines that may change numerical results first.
     """
-    with _reported_errors(debug, EXIT_USAGE):
+    with _reported_errors(debug, EXIT_INVALID_ARCHIVE if diff_archive else EXIT_USAGE):
         _check_output_options(as_json, quiet)
         from reprokit._environment import (
             capture_environment,

@@ -40,9 +40,15 @@ TAG = "$t"
 
 
 class _Encoder:
-    def __init__(self, on_array: Callable[[Any, str], int], extra_modules: tuple[str, ...]):
+    def __init__(
+        self,
+        on_array: Callable[[Any, str], int],
+        extra_modules: tuple[str, ...],
+        aliases: dict[str, str] | None = None,
+    ):
         self._on_array = on_array
         self._extra_modules = extra_modules
+        self._aliases = aliases or {}
         self._jax = __import__("jax")
 
     def encode(self, value: Any, where: str, depth: int = 0) -> Any:
@@ -83,7 +89,7 @@ class _Encoder:
         if isinstance(value, enum.Enum):
             return {
                 TAG: "enum",
-                "type": _allowlist.name_of_type(type(value), where),
+                "type": _allowlist.name_of_type(type(value), where, self._aliases),
                 "name": value.name,
             }
         if isinstance(value, type):
@@ -96,7 +102,8 @@ class _Encoder:
                 [f.name, self.encode(getattr(value, f.name), f"{where}.{f.name}", depth + 1)]
                 for f in dataclasses.fields(value)
             ]
-            return {TAG: "obj", "type": _allowlist.name_of_type(type(value), where), "f": fields}
+            name = _allowlist.name_of_type(type(value), where, self._aliases)
+            return {TAG: "obj", "type": name, "f": fields}
         if isinstance(value, functools.partial):
             return {
                 TAG: "partial",
@@ -119,7 +126,9 @@ class _Encoder:
         if callable(value):
             return {
                 TAG: "fn",
-                "name": _allowlist.name_of_callable(value, where, self._extra_modules),
+                "name": _allowlist.name_of_callable(
+                    value, where, self._extra_modules, self._aliases
+                ),
             }
         raise CaptureError(
             f"{where} holds a {type(value).__module__}.{type(value).__qualname__}, which reprokit "
@@ -137,7 +146,7 @@ class _Encoder:
                 return {TAG: "np_type", "name": cls.__name__}
         if cls in _BUILTIN_TYPES.values():
             return {TAG: "builtin_type", "name": cls.__name__}
-        return {TAG: "type", "name": _allowlist.name_of_type(cls, where)}
+        return {TAG: "type", "name": _allowlist.name_of_type(cls, where, self._aliases)}
 
 
 def _arrays_check(dtype: np.dtype, where: str) -> None:
@@ -170,9 +179,14 @@ def encode_tree(
     *,
     where: str = "record",
     extra_modules: tuple[str, ...] = (),
+    module_aliases: dict[str, str] | None = None,
 ) -> Any:
-    """Encodes `value` into msgpack-ready data; `on_array(array, where)` returns each array's index."""
-    return _Encoder(on_array, extra_modules).encode(value, where)
+    """Encodes `value` into msgpack-ready data; `on_array(array, where)` returns each array's index.
+
+    `module_aliases` renames the modules classes and functions are named by
+    (a script's `__main__` becomes its bundled module with `--bundle-code`).
+    """
+    return _Encoder(on_array, extra_modules, module_aliases).encode(value, where)
 
 
 def pack_bytes(node: Any) -> bytes:
@@ -226,7 +240,7 @@ class Decoder:
         tag = node.get(TAG)
         handler = _HANDLERS.get(tag) if isinstance(tag, str) else None
         if handler is None:
-            raise ArchiveError(f"structure holds an unknown node kind {str(tag)[:40]!r}")
+            raise ArchiveError(f"structure holds an unknown node kind {_allowlist.brief(tag, 40)}")
         try:
             return handler(self, node, depth + 1)
         except (ArchiveError, RecursionError):
@@ -302,7 +316,7 @@ def _jnp_type(decoder: Decoder, node: dict, depth: int) -> Any:
     name = node["name"]
     value = getattr(jnp, name, None) if isinstance(name, str) and name.isidentifier() else None
     if value is None or not isinstance(value, type(jnp.float32)):
-        raise ArchiveError(f"archive names an unknown jax.numpy type {str(name)[:40]!r}")
+        raise ArchiveError(f"archive names an unknown jax.numpy type {_allowlist.brief(name, 40)}")
     return value
 
 
@@ -367,7 +381,9 @@ def _array(decoder: Decoder, node: dict, depth: int) -> Any:
 def _builtin_type(decoder: Decoder, node: dict, depth: int) -> type:
     cls = _BUILTIN_TYPES.get(node["name"])
     if cls is None:
-        raise ArchiveError(f"archive names an unknown builtin type {str(node['name'])[:40]!r}")
+        raise ArchiveError(
+            f"archive names an unknown builtin type {_allowlist.brief(node['name'], 40)}"
+        )
     return cls
 
 

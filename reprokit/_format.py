@@ -15,6 +15,7 @@ from typing import Any
 from reprokit._errors import ArchiveError
 
 FORMAT_NAME = "reprokit"
+_VERSION = re.compile(r"[0-9][0-9A-Za-z.+-]{0,30}")
 FORMAT_VERSION = 1
 
 MANIFEST = "manifest.json"
@@ -71,7 +72,10 @@ def check_manifest(manifest: Any) -> dict:
     if not isinstance(version, int) or isinstance(version, bool) or version < 1:
         raise ArchiveError("manifest.json has an invalid format_version")
     if version > FORMAT_VERSION:
-        made_by = str(manifest.get("reprokit_version", "a newer version"))[:40]
+        # Only a version number: free text here would be printed as advice.
+        made_by = manifest.get("reprokit_version")
+        if not isinstance(made_by, str) or not _VERSION.fullmatch(made_by):
+            made_by = "a newer version"
         raise ArchiveError(
             f"archive uses format version {version}, newer than this reprokit reads ({FORMAT_VERSION}); "
             f"upgrade reprokit to {made_by} or later (pip install -U reprokit)"
@@ -119,7 +123,10 @@ def parse_manifest(data: bytes) -> dict:
         manifest = json.loads(text, parse_constant=_refuse_constant, object_pairs_hook=_unique)
     except (ValueError, RecursionError):
         raise ArchiveError("manifest.json is not valid JSON") from None
-    return check_manifest(manifest)
+    try:
+        return check_manifest(manifest)
+    except RecursionError:
+        raise ArchiveError("manifest.json is nested too deeply") from None
 
 
 # MLIR bytecode starts with these four bytes.
@@ -162,6 +169,11 @@ def _unique(pairs: list[tuple[str, Any]]) -> dict:
 # message would be interpreted by the maintainer's terminal when `inspect`
 # prints them (cursor moves hiding text, OSC 52 clipboard writes).
 _TERMINAL_CONTROLS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def printable(text: str) -> str:
+    """`text` without the control characters the manifest refuses (packing side)."""
+    return _TERMINAL_CONTROLS.sub("", text)
 # What reprokit run sets before jax starts must never name a place on the
 # maintainer's machine: XLA writes dumps to, or loads kernels and autotuning
 # results from, the locations these flags give. Packing records such values
@@ -169,21 +181,26 @@ _TERMINAL_CONTROLS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 _XLA_FLAG = re.compile(r"--xla_[a-z0-9_]+(?:=\S*)?")
 _XLA_LOCATION_FLAG = re.compile(r"(?:_to|_dir|_path|_file|_from|filename)$")
 _PLACEHOLDER = re.compile(r"<(?:home|user|host|redacted|path|uuid)>")
+# A packed manifest nests about five levels; this leaves room to grow.
+_MAX_MANIFEST_DEPTH = 32
 
 
 def _check_details(manifest: dict) -> None:
     """The manifest fields that `inspect` and `run` read beyond the required ones."""
-    stack: list[Any] = [manifest]
+    stack: list[tuple[Any, int]] = [(manifest, 0)]
     while stack:
-        value = stack.pop()
+        value, depth = stack.pop()
+        if depth > _MAX_MANIFEST_DEPTH:
+            # Code that prints or compares the manifest recurses into it.
+            raise ArchiveError("manifest.json is nested too deeply")
         if isinstance(value, dict):
-            stack.extend(value.keys())
-            stack.extend(value.values())
+            stack.extend((key, depth + 1) for key in value)
+            stack.extend((item, depth + 1) for item in value.values())
         elif isinstance(value, list):
-            stack.extend(value)
+            stack.extend((item, depth + 1) for item in value)
         elif isinstance(value, str) and _TERMINAL_CONTROLS.search(value):
             raise ArchiveError("manifest.json holds a control character (a terminal escape?)")
-    from reprokit._allowlist import check_module_for_viewing
+    from reprokit._allowlist import brief, check_module_for_viewing
 
     for module in manifest["modules"]:
         check_module_for_viewing(module)
@@ -208,7 +225,7 @@ def _check_details(manifest: dict) -> None:
         _expect(env, "xla_flags", list)
         for flag in env["xla_flags"]:
             if not isinstance(flag, str) or not _XLA_FLAG.fullmatch(flag):
-                raise ArchiveError(f"manifest.json records a malformed XLA flag {str(flag)[:60]!r}")
+                raise ArchiveError(f"manifest.json records a malformed XLA flag {brief(flag)}")
             name, _, value = flag.partition("=")
             if (
                 value

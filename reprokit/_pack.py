@@ -52,6 +52,8 @@ class PackResult:
     self_check: dict | None = None
     # Parameter count, input shapes and what was redacted (for the sharing note).
     contents: dict | None = None
+    # Members holding the reporter's own code (--bundle-code).
+    bundled: tuple[str, ...] = ()
 
     def summary(self) -> str:
         """A few lines for the terminal: what was packed and how to replay it."""
@@ -63,7 +65,14 @@ class PackResult:
                 f"{self.call_count}, {self.mode}) into {self.path} ({_format.human_bytes(self.size)})",
                 f"  recorded issue: {sig}",
                 f"  arrays: {self.array_count} ({_format.human_bytes(self.array_bytes)})",
-                f"  replay: reprokit run {name}",
+                f"  replay: reprokit run {name}" + (" --trust-code" if self.bundled else ""),
+                *(
+                    [
+                        f"  bundled code: {', '.join(self.bundled)} (read it: reprokit inspect {name})"
+                    ]
+                    if self.bundled
+                    else []
+                ),
                 f"     or: unzip {name} -d repro && python repro/replay.py",
                 *(
                     [f"  issue text: {self.issue_path} (paste it into the issue)"]
@@ -96,6 +105,9 @@ def pack(
     check: bool = True,
     redact: Any = None,
     max_size: str | int | None = None,
+    bundle_code: bool = False,
+    gather: bool = False,
+    shards_dir: str | os.PathLike | None = None,
 ) -> PackResult:
     """Captures the layer picked by `selection` while its model runs on `argument`, and packs it.
 
@@ -122,6 +134,18 @@ def pack(
         shapes); weaker redactions are tried until the issue still reproduces.
       max_size: e.g. "25MB" (GitHub's attachment limit): compress, then zero
         the largest parameters the issue does not need, or refuse.
+      bundle_code: copy the source of your own modules the layer needs (and
+        of classes defined in your script) into the archive; the maintainer
+        imports it only with `reprokit run --trust-code`.
+      gather: with several jax processes, gather the arrays no process holds
+        whole to every process instead of writing them with orbax (small
+        layers only).
+      shards_dir: with several jax processes, a folder reachable by all of
+        them, in which each writes its shards (into `NAME.repro.zip.shards`,
+        removed afterwards); default: the folder of `out`.
+
+    Several jax processes (`jax.process_count() > 1`): call `pack` on every
+    process; process 0 writes the archive (see `reprokit._multihost`).
 
     Returns:
       A `PackResult` describing the archive.
@@ -134,6 +158,30 @@ def pack(
     if not out.endswith(".zip"):
         raise UsageError(
             f"output {out!r} should end in .repro.zip (GitHub accepts .zip attachments)"
+        )
+    import jax
+
+    if jax.process_count() > 1:
+        if redact or max_size is not None:
+            raise UsageError(
+                "redact and max_size are not supported when packing from several processes"
+            )
+        from reprokit._multihost import pack_multiprocess
+
+        return pack_multiprocess(
+            selection,
+            argument,
+            side_inputs=dict(side_inputs or {}),
+            out=out,
+            note=note,
+            call=call,
+            signature=signature,
+            mode=mode,
+            allow_modules=tuple(allow_modules),
+            check=check,
+            bundle_code=bundle_code,
+            gather=gather,
+            shards_dir=None if shards_dir is None else os.fspath(shards_dir),
         )
     capture = capture_calls(selection, argument, dict(side_inputs or {}), mode)
     record = choose_call(capture, call)
@@ -152,6 +200,7 @@ def pack(
         check=check,
         redact=redact,
         max_size=max_size,
+        bundle_code=bundle_code,
     )
     return dataclasses.replace(result, issue_path=write_issue_snippet(result.path))
 
@@ -208,19 +257,34 @@ def write_archive(
     check: bool = True,
     redact: Any = None,
     max_size: str | int | None = None,
+    bundle_code: bool = False,
+    signature_info: dict | None = None,
+    describe_array: Any = None,
+    extra_members: list[tuple[str, bytes]] | tuple = (),
 ) -> PackResult:
     """Writes one captured call as an archive (the part of `pack` after capture).
 
     `extra_manifest` adds JSON fields to the manifest (e.g. how the layer was
-    found); they must not collide with the format's own fields. `redact` and
-    `max_size` are described in `pack`.
+    found); they must not collide with the format's own fields. `redact`,
+    `max_size` and `bundle_code` are described in `pack`. For multi-process
+    captures (`reprokit._multihost`): `signature_info` is the recorded issue
+    decided without reading the outputs, `describe_array(value)` returns an
+    array's (descriptor, payload or None), and `extra_members` are added as
+    (name, bytes).
     """
     out = os.fspath(out)
     try:
-        sig = detect_signature(record.outcome, signature)
+        sig = signature_info or detect_signature(record.outcome, signature)
     except ValueError as error:
         raise UsageError(str(error)) from None
     allow = tuple(allow_modules)
+    bundle = None
+    if bundle_code:
+        from reprokit import _bundle
+
+        bundle = _bundle.prepare(_record_parts(record), allow)
+        allow += tuple(m for m in bundle.modules if m not in allow)
+    aliases = bundle.aliases if bundle is not None else None
     redaction = None
     spec = _redact.parse_redactions(redact)
     limit = _redact.parse_size(max_size)
@@ -232,26 +296,35 @@ def write_archive(
 
         def encode(candidate):
             trial_arrays: list[Any] = []
-            return _encode_record(candidate, trial_arrays, allow, True), trial_arrays
+            encoded = _encode_record(candidate, trial_arrays, allow, True, module_aliases=aliases)
+            return encoded, trial_arrays
 
         record, size_fit = _redact.fit(record, sig, mode, limit, encode)
         size_fit["max_size"] = limit
     if sig["kind"] == "exception":
-        sig["message"] = scrub_text(sig["message"])
+        sig["message"] = _format.printable(scrub_text(sig["message"]))
     arrays: list[Any] = []
-    tree = _encode_record(record, arrays, allow, elide_zeros=bool(spec) or limit is not None)
+    tree = _encode_record(
+        record,
+        arrays,
+        allow,
+        elide_zeros=bool(spec) or limit is not None,
+        module_aliases=aliases,
+        describe_array=describe_array,
+    )
     manifest = {
         "format": _format.FORMAT_NAME,
         "format_version": _format.FORMAT_VERSION,
         "reprokit_version": _format.reprokit_version(),
         "created": datetime.datetime.now(datetime.UTC).replace(microsecond=0).isoformat(),
-        "note": scrub_text(note or ""),
+        "note": _format.printable(scrub_text(note or "")),
         "layer": {"keypath": keypath, "type": layer_type},
         "call": {"index": record.index, "count": call_count},
         "mode": mode,
         "signature": sig,
         "exception_traceback": [
-            scrub_text(line) for line in (record.exception or {}).get("traceback", [])
+            _format.printable(scrub_text(line))
+            for line in (record.exception or {}).get("traceback", [])
         ],
         "modules": sorted(_needed_modules(tree["record"])),
         "arrays": {"count": len(arrays), "bytes": sum(d["nbytes"] for d in tree["arrays"])},
@@ -262,6 +335,8 @@ def write_archive(
         manifest["redaction"] = redaction
     if size_fit is not None:
         manifest["size_fit"] = {k: v for k, v in size_fit.items() if k != "estimated_size"}
+    if bundle is not None:
+        manifest["code"] = bundle.section
     stablehlo = None
     if record.exception is None:
         from reprokit import _stablehlo
@@ -272,7 +347,11 @@ def write_archive(
             raise ValueError(f"extra manifest field {key!r} collides with a format field")
         manifest[key] = value
     compress = set(size_fit["compress"]) if size_fit else set()
-    self_check = _write(out, manifest, tree, arrays, stablehlo, allow if check else None, compress)
+    members = [*(bundle.files if bundle is not None else ()), *extra_members]
+    trust = bundle is not None and bool(bundle.files)
+    self_check = _write(
+        out, manifest, tree, arrays, stablehlo, allow if check else None, compress, members, trust
+    )
     return PackResult(
         path=out,
         signature=sig,
@@ -286,16 +365,25 @@ def write_archive(
         size=os.path.getsize(out),
         self_check=self_check,
         contents=manifest["contents"],
+        bundled=tuple(name for name, _ in (bundle.files if bundle is not None else ())),
     )
 
 
 def _encode_record(
-    record: CallRecord, arrays: list, allow: tuple[str, ...], elide_zeros: bool = False
+    record: CallRecord,
+    arrays: list,
+    allow: tuple[str, ...],
+    elide_zeros: bool = False,
+    *,
+    module_aliases: dict[str, str] | None = None,
+    describe_array: Any = None,
 ) -> dict:
     """Encodes a call; `arrays` receives each payload (None for an array stored as all zeros).
 
     `elide_zeros` (when redacting or fitting a size) stores all-zero arrays as
     a descriptor without payload; it costs a scan, so the default path skips it.
+    `module_aliases` renames script modules (`--bundle-code`); `describe_array`
+    replaces `_arrays.describe` (a None payload: stored elsewhere).
     """
     seen: dict[int, int] = {}
     descriptors: list[dict] = []
@@ -303,8 +391,13 @@ def _encode_record(
     def on_array(value: Any, where: str) -> int:
         index = seen.get(id(value))
         if index is None:
-            desc, data = describe(value)
-            if elide_zeros and data.size and not data.reshape(-1).view(np.uint8).any():
+            desc, data = (describe_array or describe)(value)
+            if (
+                elide_zeros
+                and data is not None
+                and data.size
+                and not data.reshape(-1).view(np.uint8).any()
+            ):
                 desc["fill"], data = "zeros", None
             index = seen[id(value)] = len(arrays)
             arrays.append(data)
@@ -313,7 +406,9 @@ def _encode_record(
 
     parts = _record_parts(record)
     encoded = {
-        name: _encoding.encode_tree(value, on_array, where=name, extra_modules=allow)
+        name: _encoding.encode_tree(
+            value, on_array, where=name, extra_modules=allow, module_aliases=module_aliases
+        )
         for name, value in parts.items()
     }
     # Refuse at pack time what the loader would refuse at replay time.
@@ -364,8 +459,14 @@ def _write(
     stablehlo: bytes | None,
     check_with_modules: tuple[str, ...] | None,
     compress: set[int] = frozenset(),
+    extra_members: list[tuple[str, bytes]] | tuple = (),
+    trust_code: bool = False,
 ) -> dict | None:
-    """Writes the archive; with `check_with_modules`, self-checks it before it is moved into place."""
+    """Writes the archive; with `check_with_modules`, self-checks it before it is moved into place.
+
+    `extra_members` (bundled code, a multi-process checkpoint) are added as
+    (name, bytes); `trust_code` lets the self-check import bundled code.
+    """
     from reprokit import _script
 
     structure = _encoding.pack_bytes(tree)
@@ -382,6 +483,11 @@ def _write(
                 else:
                     writer.add_buffer(_format.array_member(index), data)
                 advance(data.nbytes)
+        for name, data in extra_members:
+            if name.endswith(".py"):
+                writer.add_bytes(name, data, compress=True)
+            else:
+                writer.add_buffer(name, data)
         writer.add_bytes(
             _format.REPLAY_SCRIPT,
             _script.render_replay_script(manifest, tree).encode(),
@@ -393,7 +499,7 @@ def _write(
             writer.add_bytes(_format.STABLEHLO, stablehlo, compress=True)
         if check_with_modules is None:
             return None
-        result = self_check(writer.snapshot(), check_with_modules)
+        result = self_check(writer.snapshot(), check_with_modules, trust_code=trust_code)
         writer.add_bytes(_format.SELFCHECK, json.dumps(result, indent=1).encode())
     return result
 

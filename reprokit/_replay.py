@@ -14,7 +14,7 @@ import json
 import os
 from typing import Any
 
-from reprokit import _format
+from reprokit import _bundle, _format, _multihost
 from reprokit._allowlist import AllowList
 from reprokit._archive import ArchiveReader, Limits
 from reprokit._encoding import decode_tree, unpack_bytes
@@ -45,6 +45,8 @@ class LoadedArchive:
     record: dict
     config_problems: tuple[str, ...]
     self_check: dict | None = None
+    # Where sharded arrays were placed (reprokit._sharding); None: nothing sharded.
+    topology: dict | None = None
 
     @property
     def submodel(self) -> Any:
@@ -70,18 +72,28 @@ def open_archive(
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise ArchiveError(f"{path!r} is not a file")
-    reader = ArchiveReader(path, limits or Limits())
+    limits = limits or Limits()
+    reader = ArchiveReader(path, limits)
     try:
         manifest = _format.parse_manifest(reader.read_bytes(_format.MANIFEST))
-        _format.check_member_names(reader.names, manifest["arrays"]["count"])
+        # Bundled code and a multi-process checkpoint are checked by their own modules.
+        own = _bundle.member_names(manifest) | _multihost.member_names(manifest, reader.names)
+        _format.check_member_names(
+            [name for name in reader.names if name not in own], manifest["arrays"]["count"]
+        )
         structure = unpack_bytes(reader.read_bytes(_format.STRUCTURE))
-        allow = None if allow_modules is None else AllowList(tuple(allow_modules))
-        check_structure(structure, manifest, allow)
+        # Names from bundled modules pass this static check (it imports nothing);
+        # `load` refuses to import them without --trust-code.
+        bundled = _bundle.bundled_modules(manifest)
+        allow = None if allow_modules is None else AllowList(tuple(allow_modules) + bundled)
+        check_structure(structure, manifest, allow, max_array_bytes=limits.max_total_bytes)
         for index, desc in enumerate(structure["arrays"]):
             member = _format.array_member(index)
-            if desc.get("fill") is not None:
+            if desc.get("fill") is not None or "checkpoint" in desc:
                 if member in reader:
-                    raise ArchiveError(f"array {index} is zero-filled, yet {member!r} exists")
+                    raise ArchiveError(
+                        f"array {index} has no payload member, yet {member!r} exists"
+                    )
                 continue
             if member not in reader:
                 raise ArchiveError(f"archive is missing array payload {member!r}")
@@ -90,11 +102,13 @@ def open_archive(
         for name in reader.names:
             # A flipped byte in any member refuses the whole archive, and a
             # member must hold what its name says (not, say, a pickle).
-            if name.startswith("arrays/"):
-                if verify_members:
+            if name.startswith("arrays/") or name in own:
+                if verify_members and not name.startswith(_bundle.CODE_PREFIX):
                     reader.verify_member(name)
             elif name not in (_format.MANIFEST, _format.STRUCTURE):
                 _format.check_optional_member(name, reader.read_bytes(name))
+        _bundle.check_members(reader, manifest)
+        _multihost.check_members(reader, manifest, structure)
         self_check = _read_self_check(reader)
     except BaseException:
         reader.close()
@@ -123,31 +137,51 @@ def load(
     allow_modules: tuple[str, ...] | list[str] = (),
     limits: Limits | None = None,
     config_overrides: dict | None = None,
+    mesh: Any = None,
+    trust_code: bool = False,
 ) -> LoadedArchive:
     """Validates an archive and rebuilds its record (submodel, inputs, outputs, state).
 
     Restores the recorded jax configuration first (then `config_overrides`,
     e.g. {"jax_enable_x64": True} for a float64 reference), before any array
-    exists. Types are rebuilt only from reprokit's allow-list plus `allow_modules`.
+    exists. Types are rebuilt only from reprokit's allow-list plus `allow_modules`,
+    plus, with `trust_code`, the modules the archive bundles (`--bundle-code`).
+    `mesh` places sharded arrays: "auto" (default), "recorded", "1", or
+    "AXIS=SIZE,..." (see `reprokit._sharding`).
     """
     opened = open_archive(path, limits, allow_modules=tuple(allow_modules))
     try:
-        return _decode(opened, AllowList(tuple(allow_modules)), config_overrides or {})
+        with _bundle.admitted(opened, tuple(allow_modules), trust_code) as allowed:
+            return _decode(opened, AllowList(allowed), config_overrides or {}, mesh)
     finally:
         opened.close()
 
 
-def _decode(opened: OpenedArchive, allow: AllowList, config_overrides: dict) -> LoadedArchive:
+def _decode(
+    opened: OpenedArchive, allow: AllowList, config_overrides: dict, mesh: Any = None
+) -> LoadedArchive:
     import jax
 
     from reprokit._arrays import aligned_zeros, rebuild
     from reprokit._environment import apply_jax_config
 
-    problems = tuple(apply_jax_config(opened.manifest["environment"].get("jax_config", {})))
+    recorded = opened.manifest["environment"].get("jax_config", {})
+    if isinstance(recorded, dict):
+        # These only forbid running or tracing: a replay could do nothing.
+        recorded = {k: v for k, v in recorded.items() if k not in _NEVER_APPLIED}
+    problems = tuple(apply_jax_config(recorded))
     for name, value in config_overrides.items():
         jax.config.update(name, value)
     descriptors = opened.structure["arrays"]
     cache: dict[int, Any] = {}
+    from reprokit._sharding import Placement, parse_mesh
+
+    placement = Placement(descriptors, mesh)
+    checkpoint = (
+        _multihost.CheckpointArrays(opened)
+        if any("checkpoint" in desc for desc in descriptors)
+        else None
+    )
 
     def array(index: int) -> Any:
         if not 0 <= index < len(descriptors):
@@ -159,27 +193,40 @@ def _decode(opened: OpenedArchive, allow: AllowList, config_overrides: dict) -> 
             member = _format.array_member(index)
             if desc.get("fill") is not None:
                 raw = aligned_zeros(desc["nbytes"])
+            elif checkpoint is not None and "checkpoint" in desc:
+                raw = checkpoint.read(desc)
             elif opened.reader.size(member) != desc["nbytes"]:
                 raise ArchiveError(f"member {member!r} has the wrong size for its array")
             else:
                 raw = opened.reader.read_aligned(member)
+            sharding = placement.sharding(desc, index)
             try:
-                cache[index] = rebuild(desc, raw)
+                cache[index] = rebuild(desc, raw, sharding)
             except ValueError as error:
                 raise ArchiveError(f"array {index}: {error}") from None
+            except Exception as error:  # jax refusing here (memory, config) is not a bad archive
+                message = " ".join(str(error).split())[:200]
+                raise ReplayError(
+                    f"cannot rebuild array {index} here: {type(error).__name__}: {message}"
+                ) from None
         return cache[index]
 
     record = {
         name: decode_tree(node, allow, array) for name, node in opened.structure["record"].items()
     }
     _check_record(record)
+    sharded = placement.topology["recorded"] or parse_mesh(mesh).kind != "auto"
     return LoadedArchive(
         path=opened.path,
         manifest=opened.manifest,
         record=record,
         config_problems=problems,
         self_check=opened.self_check,
+        topology=placement.topology if sharded else None,
     )
+
+
+_NEVER_APPLIED = frozenset({"jax_no_execution", "jax_no_tracing"})
 
 
 def _check_record(record: dict) -> None:
@@ -191,11 +238,22 @@ def _check_record(record: dict) -> None:
         isinstance(k, str) for k in record["side_inputs"]
     ):
         raise ArchiveError("the archive's side inputs are not a dict of names")
-    values = record["initial_var_values"]
-    if not isinstance(values, tuple) or not all(
-        isinstance(v, pz.StateVariableValue) for v in values
+    for part in ("initial_var_values", "final_var_values"):
+        values = record.get(part, ())
+        if not isinstance(values, tuple) or not all(
+            isinstance(v, pz.StateVariableValue) for v in values
+        ):
+            raise ArchiveError("the archive's variable values are not penzai StateVariableValues")
+    # The recorded output is compared leaf by leaf with the replayed one.
+    import jax
+    import numpy as np
+
+    leaves = jax.tree_util.tree_leaves((record.get("output"), record.get("final_var_values")))
+    if not all(
+        isinstance(leaf, (jax.Array, np.ndarray, np.generic, bool, int, float, complex))
+        for leaf in leaves
     ):
-        raise ArchiveError("the archive's variable values are not penzai StateVariableValues")
+        raise ArchiveError("the archive's recorded output holds something that is not an array")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -208,6 +266,8 @@ class Verdict:
     notes: tuple[str, ...]
     environment_differences: tuple
     reporter_self_check: dict | None = None
+    # Where sharded arrays were placed (see reprokit._sharding); None: nothing sharded.
+    topology: dict | None = None
 
     def as_dict(self) -> dict:
         return {
@@ -215,6 +275,7 @@ class Verdict:
             **self.details,
             "recorded_mode": self.manifest["mode"],
             "layer": self.manifest["layer"],
+            "topology": self.topology,
             "reporter_self_check": self.reporter_self_check,
             "notes": list(self.notes),
             "environment_differences": [
@@ -232,6 +293,11 @@ class Verdict:
             format_verdict(self.details),
             f"  layer: {layer['type']} at {layer['keypath']} (replayed {self.manifest['mode']})",
         ]
+        from reprokit._sharding import describe_topology
+
+        topology = describe_topology(self.topology)
+        if topology:
+            lines.append(f"  topology: {topology}")
         reporter = reporter_line(self.reporter_self_check)
         if reporter:
             lines.append(f"  {reporter}")
@@ -254,9 +320,13 @@ def replay(
     *,
     allow_modules: tuple[str, ...] | list[str] = (),
     limits: Limits | None = None,
+    mesh: Any = None,
+    trust_code: bool = False,
 ) -> Verdict:
-    """Replays an archive in this process and returns the verdict."""
-    loaded = load(path, allow_modules=allow_modules, limits=limits)
+    """Replays an archive in this process and returns the verdict (`mesh`, `trust_code`: see `load`)."""
+    loaded = load(
+        path, allow_modules=allow_modules, limits=limits, mesh=mesh, trust_code=trust_code
+    )
     return replay_loaded(loaded)
 
 
@@ -317,4 +387,5 @@ def replay_loaded(loaded: LoadedArchive, *, stablehlo: bool = False) -> Verdict:
         notes=tuple(notes),
         environment_differences=tuple(diff_environments(env, here)),
         reporter_self_check=loaded.self_check,
+        topology=loaded.topology,
     )
