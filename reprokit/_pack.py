@@ -512,9 +512,10 @@ def _contents(record: CallRecord, redaction: dict | None) -> dict:
     params = pz.select(record.submodel).at_instances_of(pz.ParameterValue).get_sequence()
     count = sum(leaf.size for p in params for leaf in jax.tree_util.tree_leaves(p.value) if hasattr(leaf, "size"))
     shapes = []
-    for path, leaf in jax.tree_util.tree_flatten_with_path((record.argument, record.side_inputs))[0]:
-        if hasattr(leaf, "shape"):
-            shapes.append(f"{jax.tree_util.keystr(path)}: {leaf.dtype}{list(leaf.shape)}")
+    for prefix, tree in (("argument", record.argument), ("side_inputs", record.side_inputs)):
+        for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+            if hasattr(leaf, "shape"):
+                shapes.append(f"{prefix}{jax.tree_util.keystr(path)}: {leaf.dtype}{list(leaf.shape)}")
     return {
         "parameter_values": int(count),
         "inputs": shapes[:20],
