@@ -195,14 +195,7 @@ class AllowList:
     def check_callable_name(self, name: str) -> tuple[str, str]:
         """Checks a function name by the rules alone, importing nothing; returns (module, qualname)."""
         module, qualname = _split(name)
-        if name in DENIED_CALLABLES:
-            raise RefusedTypeError(f"archive references {name!r}, which reprokit never calls")
-        if module in CALLABLE_NAMESPACES:
-            if "." in qualname or qualname.startswith("_"):
-                raise RefusedTypeError(
-                    f"archive references {name!r}, which is not a public function"
-                )
-        elif not self._in_extra(module):
+        if not _in_callable_namespace(name, module, qualname) and not self._in_extra(module):
             raise RefusedTypeError(_refusal(name, "function", module))
         return module, qualname
 
@@ -234,6 +227,17 @@ class AllowList:
         raise RefusedTypeError(_refusal(name, "function", module))
 
 
+def _in_callable_namespace(name: str, module: str, qualname: str) -> bool:
+    """True for a public function of jax's numeric namespaces; raises for denied or private ones."""
+    if name in DENIED_CALLABLES:
+        raise RefusedTypeError(f"archive references {name!r}, which reprokit never calls")
+    if module not in CALLABLE_NAMESPACES:
+        return False
+    if "." in qualname or qualname.startswith("_"):
+        raise RefusedTypeError(f"archive references {name!r}, which is not a public function")
+    return True
+
+
 def brief(value: object, limit: int = 80) -> str:
     """A short repr of an untrusted value for a one-line message.
 
@@ -259,13 +263,7 @@ def check_name_for_viewing(name: str, kind: str) -> None:
     """
     module, qualname = _split(name)
     if kind == "function":
-        if name in DENIED_CALLABLES:
-            raise RefusedTypeError(f"archive references {name!r}, which reprokit never calls")
-        if module in CALLABLE_NAMESPACES:
-            if "." in qualname or qualname.startswith("_"):
-                raise RefusedTypeError(
-                    f"archive references {name!r}, which is not a public function"
-                )
+        if _in_callable_namespace(name, module, qualname):
             return
     elif AllowList().type_module_allowed(module):
         return
