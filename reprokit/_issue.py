@@ -177,22 +177,31 @@ def render_issue(
     )
 
 
-def issue_text(archive: str | os.PathLike, limits: Any = None) -> dict[str, Any]:
+# Above this size pack leaves the sha256 out of the snippet: hashing re-reads the
+# whole archive, which would cost nearly as much as writing it.
+_PACK_TIME_HASH_LIMIT = 64 * 2**20
+
+
+def issue_text(
+    archive: str | os.PathLike, limits: Any = None, *, hash_limit: int | None = None
+) -> dict[str, Any]:
     """Validates `archive` and returns its snippet with the facts behind it.
 
     Returns a dict with `markdown`, `archive`, `size`, `sha256` and
     `too_large` (over GitHub's attachment limit). Reads no array payloads and
     imports no jax. `limits` (an `reprokit._archive.Limits`) bounds what the
-    archive may hold, as for `reprokit run`.
+    archive may hold, as for `reprokit run`. Archives larger than `hash_limit`
+    get no sha256 (None), which `reprokit issue` and `verify` print on demand.
     """
     from reprokit._replay import open_archive
 
     opened = open_archive(archive, limits)
     try:
-        sha256 = opened.reader.sha256()
+        size = os.path.getsize(opened.path)
+        too_big_to_hash = hash_limit is not None and size > hash_limit
+        sha256 = None if too_big_to_hash else opened.reader.sha256()
     finally:
         opened.close()
-    size = os.path.getsize(opened.path)
     markdown = render_issue(
         opened.manifest,
         opened.structure,
@@ -214,7 +223,7 @@ def write_issue_snippet(archive: str | os.PathLike) -> str:
     from reprokit._errors import CaptureError
 
     path = issue_path_for(archive)
-    text = issue_text(archive)["markdown"]
+    text = issue_text(archive, hash_limit=_PACK_TIME_HASH_LIMIT)["markdown"]
     temp = f"{path}.{os.getpid()}.tmp"
     try:
         with open(temp, "w", encoding="utf-8") as file:
