@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from reprokit._archive import Limits
 from reprokit._errors import CaptureError, UsageError
 
 TARGETS = ("params", "inputs")
@@ -218,7 +219,7 @@ def describe(report: dict) -> list[str]:
 
 def compressed_size(data: np.ndarray) -> int:
     """Size of `data` deflated at a fast level (what the archive would store)."""
-    return len(zlib.compress(memoryview(data).cast("B"), 1))
+    return len(zlib.compress(memoryview(data.reshape(-1).view(np.uint8)), 1))
 
 
 def fit(record, signature: dict, mode: str, max_size: int, encode) -> tuple[Any, dict]:
@@ -277,7 +278,8 @@ def _compression_plan(arrays: list[np.ndarray]) -> dict:
         size = data.nbytes
         if size >= 4096:
             packed = compressed_size(data)
-            if packed < 0.9 * size:
+            # The writer stores members that would pass the reader's zip-bomb ratio.
+            if packed < 0.9 * size and size <= Limits.max_compression_ratio * packed:
                 compress.append(index)
                 size = packed
         total += size
