@@ -838,10 +838,11 @@ def issue(archive, as_json, quiet, debug):
 @main.command(epilog=EXIT_CODES_HELP)
 @click.argument("archive", type=click.Path(dir_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@_quiet_option
 @_allow_module_option
 @_limits_options
 @_debug_option
-def verify(archive, as_json, allow_modules, debug):
+def verify(archive, as_json, quiet, allow_modules, debug):
     """Check all of ARCHIVE without importing jax or running anything; print its sha256.
 
     Checks the zip container, every member's size and CRC-32, the manifest, the
@@ -850,10 +851,14 @@ def verify(archive, as_json, allow_modules, debug):
     0: valid; 3: invalid or refused. Cite the sha256 in your issue.
     """
     with _reported_errors(debug, EXIT_INVALID_ARCHIVE):
+        _check_output_options(as_json, quiet)
         from reprokit._verify import verify_archive
 
         report = verify_archive(archive, allow_modules=allow_modules, limits=_limits())
-        click.echo(json.dumps(report.as_dict(), indent=1) if as_json else report.format())
+        if as_json:
+            click.echo(json.dumps(report.as_dict(), indent=1))
+        elif not quiet:
+            click.echo(report.format())
 
 
 if __name__ == "__main__":  # pragma: no cover
