@@ -631,9 +631,11 @@ def run(
         if repeat:
             extras["repeat"] = _variants.repeat(loaded, repeat)
         if reference:
-            extras["reference"] = _variants.reference(archive, loaded, reference, allow_modules)
+            extras["reference"] = _variants.reference(
+                archive, loaded, reference, allow_modules, trust_code=trust_code
+            )
         if sweep:
-            extras["sweep"] = _variants.sweep(archive, loaded, allow_modules)
+            extras["sweep"] = _variants.sweep(archive, loaded, allow_modules, trust_code=trust_code)
         if as_json:
             payload = verdict.as_dict()
             if "sweep" in extras:

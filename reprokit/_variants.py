@@ -158,15 +158,29 @@ def _worker_env(variant: str, loaded) -> dict[str, str] | None:
     return env
 
 
-def _run_worker(path: str, variant: str, condition: str, allow_modules, env) -> VariantRow:
-    started = time.perf_counter()
-    args = [str(path), variant]
+def _worker_options(allow_modules, trust_code: bool) -> list[str]:
+    """The loader's options for a worker, as command-line arguments."""
+    args = []
     for module in allow_modules:
         args += ["--allow-module", module]
+    return args + (["--trust-code"] if trust_code else [])
+
+
+def _parse_worker_options(rest: list[str]) -> dict:
+    """`load` keyword arguments from `_worker_options`' arguments."""
+    allow = tuple(rest[i + 1] for i, arg in enumerate(rest) if arg == "--allow-module")
+    return {"allow_modules": allow, "trust_code": "--trust-code" in rest}
+
+
+def _run_worker(path: str, variant: str, condition: str, options: list[str], env) -> VariantRow:
+    started = time.perf_counter()
+    args = [str(path), variant, *options]
     try:
         row = run_worker("reprokit._variants", args, env=env, timeout=_WORKER_TIMEOUT_S)
     except WorkerFailed as error:
-        return VariantRow(condition=condition, ran=False, note=f"worker failed: {error}", started=started)
+        return VariantRow(
+            condition=condition, ran=False, note=f"worker failed: {error}", started=started
+        )
     row.update(condition=condition, started=started, elapsed_s=time.perf_counter() - started)
     return VariantRow(**row)
 
@@ -174,21 +188,21 @@ def _run_worker(path: str, variant: str, condition: str, allow_modules, env) -> 
 def _worker_main(argv: list[str]) -> int:
     """`python -m reprokit._variants ARCHIVE VARIANT [--allow-module M]...`: one row as JSON."""
     path, variant, *rest = argv
-    allow = tuple(rest[i + 1] for i, arg in enumerate(rest) if arg == "--allow-module")
+    options = _parse_worker_options(rest)
     from reprokit._replay import load, recorded_outcome, replayed_outcome
 
     started = time.perf_counter()
     try:
         if variant == "x64":
-            loaded = load(path, allow_modules=allow, config_overrides={"jax_enable_x64": True})
+            loaded = load(path, **options, config_overrides={"jax_enable_x64": True})
             replayed = replayed_outcome(loaded, record=upcast_record(loaded.record))
             note = "float64 params and inputs, compared after casting back"
         elif variant == "stablehlo":
-            loaded = load(path, allow_modules=allow)
+            loaded = load(path, **options)
             replayed = stablehlo_outcome(loaded)
             note = ""
         elif variant.startswith("xla-flags-"):
-            loaded = load(path, allow_modules=allow)
+            loaded = load(path, **options)
             replayed = replayed_outcome(loaded)
             note = f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}"
         else:
@@ -243,7 +257,9 @@ def stablehlo_outcome(loaded) -> dict:
 # ------------------------------------------------------------------ public entry points
 
 
-def sweep(path: str, loaded, allow_modules=(), workers: int | None = None) -> list[VariantRow]:
+def sweep(
+    path: str, loaded, allow_modules=(), workers: int | None = None, trust_code: bool = False
+) -> list[VariantRow]:
     """Replays under every condition; worker conditions run in parallel with in-process ones."""
     recorded_mode = loaded.manifest["mode"]
     env = loaded.manifest["environment"]
@@ -263,7 +279,12 @@ def sweep(path: str, loaded, allow_modules=(), workers: int | None = None) -> li
     with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
         futures = [
             pool.submit(
-                _run_worker, path, variant, condition, allow_modules, _worker_env(variant, loaded)
+                _run_worker,
+                path,
+                variant,
+                condition,
+                _worker_options(allow_modules, trust_code),
+                _worker_env(variant, loaded),
             )
             for variant, condition in jobs
         ]
@@ -283,7 +304,9 @@ def sweep(path: str, loaded, allow_modules=(), workers: int | None = None) -> li
             if not env.get("xla_flags"):
                 rows.append(
                     VariantRow(
-                        condition="XLA flags", ran=False, note="none recorded; same as 'as recorded'"
+                        condition="XLA flags",
+                        ran=False,
+                        note="none recorded; same as 'as recorded'",
                     )
                 )
             for future in futures:
@@ -376,7 +399,7 @@ def _scalar(value) -> Any:
         return str(value)
 
 
-def reference(path: str, loaded, kind: str, allow_modules=()) -> dict:
+def reference(path: str, loaded, kind: str, allow_modules=(), trust_code: bool = False) -> dict:
     """Errors of the recorded and the replayed output against a reference computation."""
     from reprokit._replay import recorded_outcome, replayed_outcome
     from reprokit._verdict import compare_leaves
@@ -389,7 +412,7 @@ def reference(path: str, loaded, kind: str, allow_modules=()) -> dict:
         )
     replayed = replayed_outcome(loaded)
     if kind == "float64":
-        reference_outcome = _float64_reference(path, allow_modules)
+        reference_outcome = _float64_reference(path, _worker_options(allow_modules, trust_code))
     else:
         import jax
 
@@ -424,15 +447,21 @@ def reference(path: str, loaded, kind: str, allow_modules=()) -> dict:
     return {"reference": kind, "leaves": leaves}
 
 
-def _float64_reference(path: str, allow_modules) -> dict:
+def _float64_reference(path: str, options: list[str]) -> dict:
     """Float64 outputs from a worker process (x64 must be on before arrays exist)."""
     import tempfile
 
     with tempfile.TemporaryDirectory() as folder:
         target = os.path.join(folder, "reference.npz")
-        command = [sys.executable, "-m", "reprokit._variants", str(path), "x64-outputs", target]
-        for module in allow_modules:
-            command += ["--allow-module", module]
+        command = [
+            sys.executable,
+            "-m",
+            "reprokit._variants",
+            str(path),
+            "x64-outputs",
+            target,
+            *options,
+        ]
         done = subprocess.run(
             command,
             capture_output=True,
@@ -466,10 +495,10 @@ def format_reference(report: dict) -> str:
     return "\n".join(lines)
 
 
-def _x64_outputs_main(path: str, target: str, allow: tuple[str, ...]) -> int:
+def _x64_outputs_main(path: str, target: str, options: dict) -> int:
     from reprokit._replay import load, replayed_outcome
 
-    loaded = load(path, allow_modules=allow, config_overrides={"jax_enable_x64": True})
+    loaded = load(path, **options, config_overrides={"jax_enable_x64": True})
     outcome = replayed_outcome(loaded, record=upcast_record(loaded.record))
     if outcome["exception"] is not None:
         print(
@@ -487,6 +516,5 @@ def _x64_outputs_main(path: str, target: str, allow: tuple[str, ...]) -> int:
 if __name__ == "__main__":
     args = sys.argv[1:]
     if len(args) >= 3 and args[1] == "x64-outputs":
-        allow_modules = tuple(args[i + 1] for i, a in enumerate(args) if a == "--allow-module")
-        sys.exit(_x64_outputs_main(args[0], args[2], allow_modules))
+        sys.exit(_x64_outputs_main(args[0], args[2], _parse_worker_options(args[3:])))
     sys.exit(_worker_main(args))

@@ -270,3 +270,22 @@ def test_unbundlable_global_is_refused_with_a_message(tmp_path):
             _bundle._extract_main(module, {"f"})
     finally:
         del sys.modules["__reprokit_target__"]
+
+
+def test_trust_code_reaches_the_sweep_and_reference_workers(custom_archive):
+    result = run_reprokit(
+        "run",
+        custom_archive,
+        "--trust-code",
+        "--sweep",
+        "--reference",
+        "float64",
+        "--json",
+        env=_env_without_tests(),
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    rows = {row["condition"]: row for row in report["sweep"]}
+    assert rows["x64 on (float64 params)"]["ran"], rows["x64 on (float64 params)"]["note"]
+    assert rows["StableHLO artifact (jit, no penzai)"]["ran"]
+    assert report["reference"]["leaves"]
