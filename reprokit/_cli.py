@@ -394,8 +394,8 @@ def pack(
                 for path, kind in layers:
                     click.echo(f"{kind:32} {path or '(root)'}")
             return
-        if find_check and (bundle_code or gather or shards_dir):
-            raise UsageError("--bundle-code, --gather and --shards-dir go with --select")
+        if find_check and (gather or shards_dir):
+            raise UsageError("--gather and --shards-dir (several processes) go with --select")
         if find_check:
             _find_and_pack(
                 model,
@@ -415,6 +415,7 @@ def pack(
                 check=check,
                 redact=list(redact),
                 max_size=max_size,
+                bundle_code=bundle_code,
             )
             return
         if explain:

@@ -759,6 +759,7 @@ class FindResult:
         check: bool = True,
         redact: Any = None,
         max_size: str | int | None = None,
+        bundle_code: bool = False,
     ):
         """Captures the culprit's call again and packs it; the archive records how it was found.
 
@@ -778,6 +779,7 @@ class FindResult:
             check=check,
             redact=redact,
             max_size=max_size,
+            bundle_code=bundle_code,
         )
 
 
