@@ -34,6 +34,7 @@ user-chosen names and host addresses.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import enum
 import functools
@@ -47,6 +48,7 @@ import re
 import socket
 import subprocess
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 from reprokit._errors import ReplayError
@@ -668,6 +670,28 @@ def _decode_config_value(name: str, value: Any, current: Any, meta: dict[str, An
         except ValueError as error:
             raise _NotRestorable(f"invalid value {value!r}") from error
     return value
+
+
+@contextlib.contextmanager
+def restored_jax_config() -> Iterator[None]:
+    """Puts back every jax config value that changed inside the block (they are process-wide).
+
+    Replaying an archive in-process applies its recorded config; callers that
+    replay many archives (fuzzing, regression tests) undo it afterwards. A
+    value jax no longer accepts stays as the archive set it.
+    """
+    import jax
+
+    before = dict(jax.config.values)
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            now = jax.config.values.get(name)
+            if now is value or (type(now) is type(value) and now == value):
+                continue
+            with contextlib.suppress(Exception):
+                jax.config.update(name, value)
 
 
 def apply_jax_config(recorded: dict[str, Any]) -> list[str]:

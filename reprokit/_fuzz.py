@@ -49,6 +49,7 @@ from typing import Any
 
 import msgpack
 
+from reprokit._environment import restored_jax_config  # noqa: F401  (tests use it from here)
 from reprokit._errors import ReprokitError
 
 __all__ = [
@@ -831,23 +832,6 @@ def _time_bound(seconds: float) -> Iterator[None]:
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
-
-
-@contextlib.contextmanager
-def restored_jax_config() -> Iterator[None]:
-    """Puts back any jax config value a loaded archive changed (they are process-wide)."""
-    import jax
-
-    before = dict(jax.config.values)
-    try:
-        yield
-    finally:
-        for name, value in before.items():
-            current = jax.config.values.get(name)
-            if current is value or (type(current) is type(value) and current == value):
-                continue
-            with contextlib.suppress(Exception):
-                jax.config.update(name, value)
 
 
 # ---------------------------------------------------------------- the long run

@@ -20,34 +20,15 @@ An archive that is invalid, refused, or cannot be replayed here raises its
 
 from __future__ import annotations
 
-import contextlib
 import os
-from collections.abc import Iterator
 from typing import TYPE_CHECKING
+
+from reprokit._environment import restored_jax_config
 
 if TYPE_CHECKING:
     from reprokit._replay import Verdict
 
 __all__ = ["assert_fixed", "assert_reproduces", "replay_isolated"]
-
-
-@contextlib.contextmanager
-def _jax_config_restored() -> Iterator[None]:
-    """Puts back every jax config value that changed inside the block."""
-    import jax
-
-    before = dict(jax.config.values)
-    try:
-        yield
-    finally:
-        for name, value in before.items():
-            now = jax.config.values.get(name)
-            if now is value or (type(now) is type(value) and now == value):
-                continue
-            # A value jax no longer accepts stays as the archive set it; the
-            # next archive or test sets its own anyway.
-            with contextlib.suppress(Exception):
-                jax.config.update(name, value)
 
 
 def replay_isolated(
@@ -69,7 +50,7 @@ def replay_isolated(
     """
     from reprokit._replay import replay
 
-    with _jax_config_restored():
+    with restored_jax_config():
         return replay(path, allow_modules=tuple(allow_modules))
 
 
