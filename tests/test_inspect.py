@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import html
 import json
 import os
 import re
 import shutil
-import subprocess
 import textwrap
 
 import custom_layers
@@ -17,6 +15,7 @@ import ml_dtypes
 import models
 import numpy as np
 import pytest
+from _chromium import evaluate_in_page
 from click.testing import CliRunner
 from conftest import run_python, run_reprokit
 from penzai import pz
@@ -177,12 +176,11 @@ def test_paths_follow_the_encoded_tree():
 
 # ------------------------------------------------------------------ HTML
 
-# Treescope draws into shadow DOM, which --dump-dom does not serialize; this
-# probe, appended to a copy of the page, waits until every treescope root has
-# rendered and writes their text (styles and scripts left out) into the DOM.
+# Treescope draws into shadow DOM, which no DOM dump serializes. This probe,
+# evaluated in the page, resolves once every treescope root has rendered (or
+# after 60 real seconds) with their text, styles and scripts left out.
 _PROBE = """
-<script>
-(() => {
+new Promise((resolve) => {
   const started = Date.now();
   const text = (root) => Array.from(root.children).map((child) => {
     if (child.tagName === "STYLE" || child.tagName === "SCRIPT") return "";
@@ -190,7 +188,7 @@ _PROBE = """
     copy.querySelectorAll("style, script").forEach((e) => e.remove());
     return copy.textContent;
   }).join("");
-  const dump = () => {
+  const probe = () => {
     const roots = Array.from(document.querySelectorAll("treescope-container"));
     const texts = roots.map((r) => (r.shadowRoot ? text(r.shadowRoot) : ""));
     const arrays = roots.map((r) =>
@@ -199,51 +197,21 @@ _PROBE = """
     // Treescope renders a root only once it nears the viewport, as a reader scrolls.
     roots.filter((r, i) => !texts[i] || texts[i].includes("(Loading...)"))
       .forEach((r) => r.scrollIntoView());
-    if (done || Date.now() - started > 4000) {
-      const out = document.createElement("pre");
-      out.id = "reprokit-probe";
-      out.textContent = JSON.stringify({done, texts, arrays});
-      document.body.appendChild(out);
+    if (done || Date.now() - started > 60000) {
+      resolve({done, texts, arrays, seconds: (Date.now() - started) / 1000});
     } else {
-      setTimeout(dump, 50);
+      setTimeout(probe, 100);
     }
   };
-  window.addEventListener("load", () => setTimeout(dump, 50));
-})();
-</script>
+  probe();
+})
 """
 
 
 def _render_in_chromium(page, tmp_path) -> dict:
     if not os.path.exists(CHROMIUM):
         pytest.skip(f"{CHROMIUM} is absent (apt-get install -y chromium) to check the HTML view")
-    probed = tmp_path / "probed.html"
-    probed.write_text(page.read_text() + _PROBE)
-    profile = tmp_path / "chromium-profile"
-    result = subprocess.run(
-        [
-            CHROMIUM,
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            "--no-first-run",
-            f"--user-data-dir={profile}",
-            "--window-size=1280,4000",
-            "--virtual-time-budget=5000",
-            "--dump-dom",
-            probed.as_uri(),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        stdin=subprocess.DEVNULL,
-    )
-    match = re.search(r'<pre id="reprokit-probe">(.*?)</pre>', result.stdout, re.S)
-    assert match, f"chromium rendered no probe (exit {result.returncode}): {result.stderr[-2000:]}"
-    return json.loads(html.unescape(match.group(1)))
+    return evaluate_in_page(CHROMIUM, page, _PROBE, tmp_path / "chromium-profile")
 
 
 def test_html_view_renders_layer_names_in_headless_chromium(attention_archive, tmp_path):
