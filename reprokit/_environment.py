@@ -172,9 +172,8 @@ _NUMERICS_CONFIG = frozenset(_NUMERICS_DEFAULTS)
 
 # Config options describing the machine or the tooling around a run rather
 # than the computation: replaying them would point at the packer's caches,
-# devices or cluster, or just change logging. Matched against option names,
-# so options added by later jax versions are applied unless they look like
-# machine settings.
+# devices or cluster, or just change logging. Never applied, and not worth a
+# line in the verdict when they differ.
 _MACHINE_CONFIG = re.compile(
     r"cache|platform|backend|visible_devices|num_cpu_devices|default_device|mock_"
     r"|pjrt|client|distributed|coordinator|cross_host|share_binary|preemption"
@@ -182,6 +181,75 @@ _MACHINE_CONFIG = re.compile(
     r"|log|dump|profil|pgle|traceback|pprint|color|source_url|source_file"
     r"|transfer_guard|garbage_collection_guard|thread_guard|proxy|leaked_clients"
     r"|captured_constants|_dir$|_path$|_file$|_to$"
+)
+# The only config options a replay applies: each changes what is traced,
+# compiled or computed, takes a bool, number or enum, and was checked to
+# neither write files nor reach the network. The recorded config comes from an
+# untrusted archive, so an option a later jax adds is reported, not applied,
+# until it is reviewed and listed here.
+_REPLAYED_CONFIG = frozenset(
+    {
+        "check_vma",
+        "eager_constant_folding",
+        "jax_allow_f16_reductions",
+        "jax_auto_pcast",
+        "jax_bcoo_cusparse_lowering",
+        "jax_check_static_indices",
+        "jax_check_tracer_leaks",
+        "jax_compiler_enable_remat_pass",
+        "jax_custom_vjp3",
+        "jax_debug_infs",
+        "jax_debug_key_reuse",
+        "jax_debug_nans",
+        "jax_default_matmul_precision",
+        "jax_default_prng_impl",
+        "jax_disable_bwd_checks",
+        "jax_disable_jit",
+        "jax_disable_most_optimizations",
+        "jax_disable_vmap_shmap_error",
+        "jax_disallow_mesh_context_manager",
+        "jax_dynamic_shapes",
+        "jax_embedded_constants_max_bytes",
+        "jax_enable_checks",
+        "jax_enable_custom_prng",
+        "jax_enable_x64",
+        "jax_error_checking_behavior_divide",
+        "jax_error_checking_behavior_nan",
+        "jax_error_checking_behavior_oob",
+        "jax_exec_time_optimization_effort",
+        "jax_experimental_unsafe_xla_runtime_errors",
+        "jax_explicit_x64_dtypes",
+        "jax_high_dynamic_range_gumbel",
+        "jax_legacy_prng_key",
+        "jax_memory_fitting_effort",
+        "jax_memory_fitting_level",
+        "jax_mosaic_allow_hlo",
+        "jax_mutable_array_checks",
+        "jax_no_execution",
+        "jax_no_tracing",
+        "jax_numpy_dtype_promotion",
+        "jax_numpy_rank_promotion",
+        "jax_optimization_level",
+        "jax_pallas_enable_debug_checks",
+        "jax_pallas_poison_buffers",
+        "jax_pallas_use_mosaic_gpu",
+        "jax_pallas_verbose_errors",
+        "jax_ragged_dot_use_gpu_pallas_triton_lowering",
+        "jax_ragged_dot_use_ragged_dot_instruction",
+        "jax_random_seed_offset",
+        "jax_refs_to_pins",
+        "jax_remat3",
+        "jax_remove_size_one_mesh_axis_from_type",
+        "jax_scan3",
+        "jax_softmax_custom_jvp",
+        "jax_threefry_gpu_kernel_lowering",
+        "jax_threefry_partitionable",
+        "jax_use_direct_linearize",
+        "jax_use_emit_pipeline_primitive",
+        "jax_use_magma",
+        "jax_use_shardy_partitioner",
+        "jax_use_simplified_jaxpr_constants",
+    }
 )
 # String options whose values name places: recorded as placeholders.
 _PRIVATE_CONFIG_VALUE = re.compile(
@@ -623,22 +691,35 @@ def restorable_config_items(recorded: dict[str, Any]) -> dict[str, Any]:
     """Return the recorded jax config entries a replay should apply, in order.
 
     `recorded` is a snapshot from `capture_environment` or its `jax_config`
-    part. Entries describing the machine rather than the computation (cache
-    directories, platforms and devices, logging, dumps, profiling, distributed
-    and cross-host settings, guards, anything path-valued or redacted) are
-    left out. Names unknown to this jax are kept so that `apply_jax_config`
-    can report them. `jax_enable_x64` comes first: arrays decoded before it is
-    set are silently truncated to 32 bits. Values are in recorded (JSON) form.
+    part. Only options on reprokit's reviewed list of computation settings
+    are kept (precision, x64, PRNG, promotion, debug checks, optimization
+    levels, ...), and not those whose value is path-like or had private text
+    removed; machine settings (caches, platforms, logging, dumps, cluster)
+    never are. `jax_enable_x64` comes first: arrays decoded before it is set
+    are silently truncated to 32 bits. Values are in recorded (JSON) form.
     """
     config = _config_part(recorded)
     items = {
         name: value
         for name, value in config.items()
-        if isinstance(name, str) and not _describes_machine(name, value)
+        if name in _REPLAYED_CONFIG and not _describes_machine(name, value)
     }
     if "jax_enable_x64" in items:
         items = {"jax_enable_x64": items.pop("jax_enable_x64"), **items}
     return items
+
+
+def _unreviewed_config_items(recorded: dict[str, Any]) -> dict[str, Any]:
+    # Recorded options that are neither applied nor machine settings: a replay
+    # reports them when they could matter, so the verdict's reader knows.
+    config = _config_part(recorded)
+    return {
+        name: value
+        for name, value in config.items()
+        if isinstance(name, str)
+        and name not in _REPLAYED_CONFIG
+        and not _describes_machine(name, value)
+    }
 
 
 class _NotRestorable(Exception):
@@ -707,7 +788,7 @@ def apply_jax_config(recorded: dict[str, Any]) -> list[str]:
     import jax
 
     meta = getattr(jax.config, "meta", {})
-    problems: list[str] = []
+    problems = _unreviewed_config_problems(recorded, meta)
     for name, value in restorable_config_items(recorded).items():
         current_values = jax.config.values
         if name not in current_values:
@@ -730,6 +811,30 @@ def apply_jax_config(recorded: dict[str, Any]) -> list[str]:
                 f"jax config {name}={value!r}: refused by jax {jax.__version__}"
                 f" ({type(error).__name__}: {' '.join(str(error).split())[:200]})"
             )
+    return problems
+
+
+def _unreviewed_config_problems(recorded: dict[str, Any], meta: dict[str, Any]) -> list[str]:
+    import jax
+
+    problems = []
+    for name, value in _unreviewed_config_items(recorded).items():
+        if name not in jax.config.values:
+            problems.append(
+                f"jax config {name}={value!r}: unknown to jax {jax.__version__}, not applied"
+            )
+            continue
+        current = jax.config.values[name]
+        try:
+            wanted = _decode_config_value(name, value, current, meta)
+        except _NotRestorable:
+            wanted = value
+        if type(wanted) is type(current) and wanted == current:
+            continue
+        problems.append(
+            f"jax config {name}={value!r}: not on reprokit's list of options a replay"
+            f" applies (set it by hand to try it), not applied"
+        )
     return problems
 
 

@@ -219,6 +219,8 @@ def test_apply_jax_config_round_trip_in_fresh_processes() -> None:
     config["jax_default_prng_impl"] = "<user>-prng"
     # Machine settings must be skipped: applying this would break the replay.
     config["jax_platforms"] = "tpu"
+    # A real option reprokit has not reviewed is reported, never applied.
+    config["jax_cpu_enable_async_dispatch"] = False
     replayed = _run_python(
         """
         import json, sys
@@ -234,6 +236,7 @@ def test_apply_jax_config_round_trip_in_fresh_processes() -> None:
             "precision": values["jax_default_matmul_precision"],
             "mode": [type(mode).__name__, mode.name],
             "platforms": values["jax_platforms"],
+            "async": values["jax_cpu_enable_async_dispatch"],
             "dtype": str(jnp.ones(2).dtype),
         }))
         """,
@@ -244,9 +247,11 @@ def test_apply_jax_config_round_trip_in_fresh_processes() -> None:
     assert result["precision"] == "highest"
     assert result["mode"] == ["ExplicitX64Mode", "ALLOW"]
     assert result["platforms"] is None
+    assert result["async"] is True
     assert result["dtype"] == "float64"
     problems = result["problems"]
-    assert len(problems) == 3, problems
+    assert len(problems) == 4, problems
+    assert any("jax_cpu_enable_async_dispatch" in p and "not applied" in p for p in problems)
     assert any("jax_default_prng_impl" in p and "private text" in p for p in problems)
     assert any("jax_this_option_does_not_exist" in p and "unknown" in p for p in problems)
     assert any("jax_numpy_rank_promotion" in p for p in problems)
@@ -264,8 +269,12 @@ def test_restorable_config_items_skip_machine_settings() -> None:
         "jax_cpu_collectives_implementation",
         "jax_enable_pgle",
         "jax_traceback_filtering",
+        "jax_cpu_enable_async_dispatch",
     ):
         assert name not in items, name
+    # The archive is untrusted: an option this list has not reviewed is never applied.
+    unreviewed = restorable_config_items({"jax_future_option": True, "jax_debug_nans": True})
+    assert unreviewed == {"jax_debug_nans": True}
     for name in (
         "jax_default_matmul_precision",
         "jax_threefry_partitionable",
