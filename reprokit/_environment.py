@@ -183,7 +183,7 @@ _MACHINE_CONFIG = re.compile(
     r"|captured_constants|_dir$|_path$|_file$|_to$"
 )
 # The only config options a replay applies: each changes what is traced,
-# compiled or computed, takes a bool, number or enum, and was checked to
+# compiled or computed, takes a bool, number or named choice, and was checked to
 # neither write files nor reach the network. The recorded config comes from an
 # untrusted archive, so an option a later jax adds is reported, not applied,
 # until it is reviewed and listed here.
