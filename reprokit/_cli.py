@@ -535,6 +535,14 @@ def _put_recorded_xla_flags(path: str) -> list[str]:
     ]
 
 
+_trust_code_option = click.option(
+    "--trust-code",
+    is_flag=True,
+    help="Import the reporter's code bundled in the archive (pack --bundle-code). It runs "
+    "with your permissions: read it first (reprokit inspect lists it).",
+)
+
+
 @main.command(epilog=EXIT_CODES_HELP)
 @click.argument("archive", type=click.Path(dir_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print the verdict as JSON.")
@@ -571,12 +579,7 @@ def _put_recorded_xla_flags(path: str) -> list[str]:
     help="What counts as success (exit 0): the issue reproducing, or it being fixed (for CI).",
 )
 @click.option("--mesh", default=None, metavar="MESH", help=_MESH_HELP)
-@click.option(
-    "--trust-code",
-    is_flag=True,
-    help="Import the reporter's code bundled in the archive (pack --bundle-code). It runs "
-    "with your permissions: read it first (reprokit inspect lists it).",
-)
+@_trust_code_option
 @_quiet_option
 @_allow_module_option
 @_limits_options
@@ -695,23 +698,26 @@ def _with_notes(verdict, notes):
     help="Write a treescope view of the layer, inputs, output and state to FILE "
     "(self-contained; open it in a browser, offline). Rebuilds the record; runs nothing.",
 )
+@_trust_code_option
 @_quiet_option
 @_allow_module_option
 @_limits_options
 @_debug_option
-def inspect(archive, as_json, debug, html_out=None, quiet=False, allow_modules=()):
+def inspect(
+    archive, as_json, debug, html_out=None, quiet=False, allow_modules=(), trust_code=False
+):
     """Show what ARCHIVE holds, without rebuilding or running anything.
 
     Prints the recorded issue, the reporter's note, the layer's structure (type
     names only), every array's shape, dtype, min/max/mean and NaN/Inf counts,
-    and the reporter's environment. Imports no jax. --allow-module matters only
-    with --html, which rebuilds the record as `reprokit run` does (without
-    calling the layer).
+    and the reporter's environment. Imports no jax. --allow-module and
+    --trust-code matter only with --html, which rebuilds the record as
+    `reprokit run` does (without calling the layer).
     """
     with _reported_errors(debug, EXIT_INVALID_ARCHIVE):
         _check_output_options(as_json, quiet)
         if html_out:
-            _write_html(archive, html_out, allow_modules, as_json, quiet)
+            _write_html(archive, html_out, allow_modules, trust_code, as_json, quiet)
             return
         from reprokit._inspect import archive_statistics, describe_archive
         from reprokit._replay import open_archive
@@ -735,11 +741,15 @@ def inspect(archive, as_json, debug, html_out=None, quiet=False, allow_modules=(
             click.echo(describe_archive(opened.manifest, opened.structure, sha256, statistics))
 
 
-def _write_html(archive: str, out: str, allow_modules, as_json: bool, quiet: bool) -> None:
+def _write_html(
+    archive: str, out: str, allow_modules, trust_code: bool, as_json: bool, quiet: bool
+) -> None:
     from reprokit._format import human_bytes
     from reprokit._inspect import write_html
 
-    size = write_html(archive, out, allow_modules=allow_modules, limits=_limits())
+    size = write_html(
+        archive, out, allow_modules=allow_modules, limits=_limits(), trust_code=trust_code
+    )
     if as_json:
         click.echo(json.dumps({"archive": archive, "html": out, "bytes": size}, indent=1))
     elif not quiet:

@@ -455,8 +455,12 @@ def write_html(
     *,
     allow_modules: tuple[str, ...] | list[str] = (),
     limits: Any = None,
+    trust_code: bool = False,
 ) -> int:
     """Rebuilds `archive` (allow-listed, nothing called) and writes its HTML view to `out`.
+
+    `trust_code` imports the code the archive bundles, as `reprokit run
+    --trust-code` does; it runs with your permissions.
 
     Returns the size of the written file in bytes. The file is written
     atomically, so a failed rendering never leaves half a page behind.
@@ -471,7 +475,9 @@ def write_html(
     from reprokit._errors import UsageError
     from reprokit._replay import load
 
-    loaded = load(archive, allow_modules=tuple(allow_modules), limits=limits)
+    loaded = load(
+        archive, allow_modules=tuple(allow_modules), limits=limits, trust_code=trust_code
+    )
     digest = hashlib.sha256()
     with open(archive, "rb") as file:
         for block in iter(lambda: file.read(1 << 20), b""):

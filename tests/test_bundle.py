@@ -126,6 +126,18 @@ def test_run_with_trust_code_reproduces_from_the_bundled_copy(custom_archive):
     assert verdict["reproduced"] and verdict["output_bitwise_equal"]
 
 
+def test_html_view_imports_bundled_code_only_with_trust_code(custom_archive, tmp_path):
+    page = tmp_path / "custom.html"
+    refused = run_reprokit("inspect", custom_archive, "--html", page, env=_env_without_tests())
+    assert refused.returncode == 3 and not page.exists(), refused.stdout + refused.stderr
+    assert "--trust-code" in refused.stderr and refused.stderr.count("\n") == 1
+    shown = run_reprokit(
+        "inspect", custom_archive, "--html", page, "--trust-code", env=_env_without_tests()
+    )
+    assert shown.returncode == 0, shown.stderr
+    assert page.stat().st_size > 0 and "works offline" in shown.stdout
+
+
 def test_tampered_bundled_code_is_refused_even_when_trusted(custom_archive, tmp_path):
     tampered = tmp_path / "tampered.repro.zip"
     with zipfile.ZipFile(custom_archive) as source, zipfile.ZipFile(tampered, "w") as out:
