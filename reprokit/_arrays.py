@@ -41,6 +41,14 @@ _AXIS_TYPES = frozenset({"Auto", "Explicit", "Manual"})
 _MAX_DEVICES = 1 << 20
 # Arrays of a multi-process capture live in an orbax checkpoint in the archive.
 _CHECKPOINT_KEY = re.compile(r"a(0|[1-9][0-9]{0,8})")
+# Arrays with no payload member: all zeros, or one element (its bytes in hex)
+# repeated, like the all-NaN activations a NaN report is about. Deflate cannot
+# shrink those past the reader's zip-bomb ratio; a descriptor costs nothing.
+_FILLS = ("zeros", "repeat")
+_HEX = re.compile(r"[0-9a-f]*")
+# Spread-out elements compared before a full scan for a repeated element.
+_FILL_PROBES = 64
+_FILL_CHUNK = 1 << 22
 
 
 def dtype_from_name(name: str) -> np.dtype:
@@ -75,8 +83,9 @@ def check_descriptor(desc: dict) -> int:
             raise ValueError(f"invalid array dimension {size!r}")
     if not isinstance(desc.get("weak_type", False), bool):
         raise ValueError("weak_type is not a boolean")
-    if desc.get("fill", None) not in (None, "zeros"):
-        raise ValueError(f"unknown array fill {desc.get('fill')!r}")
+    fill = desc.get("fill", None)
+    if fill is not None and (not isinstance(fill, str) or fill not in _FILLS):
+        raise ValueError(f"unknown array fill {fill!r} (written by a newer reprokit?)")
     # isinstance first: `in` on a frozenset hashes, and a list does not hash.
     if kind == "key" and not (
         isinstance(desc.get("key_impl"), str) and desc["key_impl"] in _PRNG_IMPLS
@@ -85,14 +94,23 @@ def check_descriptor(desc: dict) -> int:
     nbytes = math.prod(shape) * dtype.itemsize
     if desc.get("nbytes") != nbytes:
         raise ValueError("array byte size does not match its dtype and shape")
+    if (fill == "repeat") != ("element" in desc):
+        raise ValueError('an array has an "element" exactly when its fill is "repeat"')
+    element = desc.get("element")
+    if "element" in desc and not (
+        isinstance(element, str)
+        and len(element) == 2 * dtype.itemsize
+        and _HEX.fullmatch(element)
+    ):
+        raise ValueError("the repeated element is not its dtype's bytes in lowercase hex")
     if "sharding" in desc:
         check_sharding(desc["sharding"], len(shape))
     if "checkpoint" in desc:
         key = desc["checkpoint"]
         if not isinstance(key, str) or not _CHECKPOINT_KEY.fullmatch(key):
             raise ValueError("array checkpoint key is malformed")
-        if desc.get("fill") is not None:
-            raise ValueError("array is both zero-filled and stored in the checkpoint")
+        if fill is not None:
+            raise ValueError("array is both filled and stored in the checkpoint")
     return nbytes
 
 
@@ -226,10 +244,40 @@ def describe(value: Any) -> tuple[dict, np.ndarray]:
 
 
 def aligned_zeros(nbytes: int) -> np.ndarray:
-    """A zeroed uint8 buffer whose data is 64-byte aligned (for arrays stored as "fill": "zeros")."""
+    """A zeroed uint8 buffer whose data is 64-byte aligned."""
     backing = np.zeros(nbytes + 64, dtype=np.uint8)
     start = -backing.ctypes.data % 64
     return backing[start : start + nbytes]
+
+
+def filled(desc: dict) -> np.ndarray:
+    """The aligned uint8 payload of an array stored as a fill ("zeros" or "repeat")."""
+    check_descriptor(desc)
+    raw = aligned_zeros(desc["nbytes"])
+    if desc["fill"] == "repeat" and raw.size:
+        element = np.frombuffer(bytes.fromhex(desc["element"]), dtype=np.uint8)
+        raw.reshape(-1, element.size)[:] = element
+    return raw
+
+
+def repeated_element(data: np.ndarray) -> bytes | None:
+    """The bytes of the one element `data` repeats throughout, or None.
+
+    Compares bits, so an all-NaN array counts (NaN != NaN as numbers). Most
+    arrays are rejected by a few spread-out elements before any full scan.
+    """
+    if data.size == 0 or data.dtype.itemsize == 0:
+        return None
+    items = np.ascontiguousarray(data).reshape(-1).view(np.uint8).reshape(data.size, -1)
+    first = items[0]
+    probes = np.linspace(0, len(items) - 1, min(len(items), _FILL_PROBES)).astype(np.int64)
+    if not (items[probes] == first).all():
+        return None
+    rows = max(1, _FILL_CHUNK // items.shape[1])
+    for start in range(0, len(items), rows):
+        if not (items[start : start + rows] == first).all():
+            return None
+    return first.tobytes()
 
 
 def rebuild(desc: dict, raw: np.ndarray, sharding: Any = None) -> Any:

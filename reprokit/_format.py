@@ -56,7 +56,7 @@ def check_member_names(names: list[str], array_count: int) -> None:
         if required not in names:
             raise ArchiveError(f"archive has no {required}; it is not a reprokit archive")
     # Which array payloads must exist is known only from the structure's array
-    # table (zero-filled arrays have none): the loader checks that.
+    # table (filled arrays have none): the loader checks that.
 
 
 _SIGNATURE_KINDS = ("exception", "nonfinite", "output")

@@ -314,12 +314,38 @@ def archive_statistics(opened: Any) -> list[dict]:
     for index, desc in enumerate(arrays):
         if "checkpoint" in desc:
             continue  # in the orbax checkpoint: read with tensorstore only on replay
-        member = _format.array_member(index)
-        if opened.reader.size(member) != desc["nbytes"]:
-            raise ArchiveError(f"member {member!r} has the wrong size for its array")
-        stats = array_statistics(desc, opened.reader.read_aligned(member))
+        if desc.get("fill") is not None:
+            stats = fill_statistics(desc)
+        else:
+            member = _format.array_member(index)
+            if opened.reader.size(member) != desc["nbytes"]:
+                raise ArchiveError(f"member {member!r} has the wrong size for its array")
+            stats = array_statistics(desc, opened.reader.read_aligned(member))
         rows.append({"index": index, "where": where.get(index, "(unused)"), **stats})
     return rows
+
+
+def fill_statistics(desc: dict) -> dict:
+    """`array_statistics` of an array stored as a fill, from one element, whatever its size.
+
+    The row also says which fill ("zeros" or "repeat"): such an array has no
+    payload, and an all-NaN one is often the very thing a report is about.
+    """
+    from reprokit._arrays import dtype_from_name, filled
+
+    size = math.prod(desc["shape"])
+    if desc["kind"] == "key" or size == 0:
+        return {**array_statistics(desc, filled(desc)), "fill": desc["fill"]}
+    one = {**desc, "shape": [1], "nbytes": dtype_from_name(desc["dtype"]).itemsize}
+    stats = array_statistics(one, filled(one))
+    return {
+        **stats,
+        "shape": list(desc["shape"]),
+        "size": size,
+        "nan": stats["nan"] * size,
+        "inf": stats["inf"] * size,
+        "fill": desc["fill"],
+    }
 
 
 def _number(value: Any) -> str:
@@ -346,7 +372,7 @@ def format_statistics(rows: list[dict]) -> str:
             (
                 str(row["index"]),
                 _clip_left(row["where"], 56),
-                f"{row['dtype']}[{shape}]",
+                f"{row['dtype']}[{shape}]" + (f" ({row['fill']})" if row.get("fill") else ""),
                 _number(row["min"]),
                 _number(row["max"]),
                 _number(row["mean"]),

@@ -15,11 +15,9 @@ import json
 import os
 from typing import Any
 
-import numpy as np
-
 from reprokit import _allowlist, _encoding, _format, _redact
 from reprokit._archive import ArchiveWriter
-from reprokit._arrays import describe
+from reprokit._arrays import describe, repeated_element
 from reprokit._capture import CallRecord, capture_calls, choose_call
 from reprokit._environment import capture_environment, scrub_text
 from reprokit._errors import CaptureError, UsageError
@@ -30,6 +28,9 @@ from reprokit._selfcheck import self_check
 from reprokit._verdict import SIGNATURE_KINDS, detect_signature
 
 _PROGRESS_BYTES = 256 * 2**20  # smaller archives are written before a bar would be read
+# Below this, a repeated-element array is stored as it is: a few bytes saved
+# would not be worth a descriptor a reader of the archive must understand.
+_MIN_FILL_BYTES = 64 * 2**10
 
 
 @dataclasses.dataclass(frozen=True)
@@ -296,7 +297,9 @@ def write_archive(
 
         def encode(candidate):
             trial_arrays: list[Any] = []
-            encoded = _encode_record(candidate, trial_arrays, allow, True, module_aliases=aliases)
+            encoded = _encode_record(
+                candidate, trial_arrays, allow, all_fills=True, module_aliases=aliases
+            )
             return encoded, trial_arrays
 
         record, size_fit = _redact.fit(record, sig, mode, limit, encode)
@@ -308,7 +311,7 @@ def write_archive(
         record,
         arrays,
         allow,
-        elide_zeros=bool(spec) or limit is not None,
+        all_fills=bool(spec) or limit is not None,
         module_aliases=aliases,
         describe_array=describe_array,
     )
@@ -373,17 +376,18 @@ def _encode_record(
     record: CallRecord,
     arrays: list,
     allow: tuple[str, ...],
-    elide_zeros: bool = False,
     *,
+    all_fills: bool = False,
     module_aliases: dict[str, str] | None = None,
     describe_array: Any = None,
 ) -> dict:
-    """Encodes a call; `arrays` receives each payload (None for an array stored as all zeros).
+    """Encodes a call; `arrays` receives each payload (None for an array stored as a fill).
 
-    `elide_zeros` (when redacting or fitting a size) stores all-zero arrays as
-    a descriptor without payload; it costs a scan, so the default path skips it.
-    `module_aliases` renames script modules (`--bundle-code`); `describe_array`
-    replaces `_arrays.describe` (a None payload: stored elsewhere).
+    An array that repeats one element throughout (all zeros, all NaN) is stored
+    as a descriptor without payload: always from `_MIN_FILL_BYTES` up, and at
+    any size with `all_fills` (when redacting or fitting a size, where every
+    byte counts). `module_aliases` renames script modules (`--bundle-code`);
+    `describe_array` replaces `_arrays.describe` (a None payload: stored elsewhere).
     """
     seen: dict[int, int] = {}
     descriptors: list[dict] = []
@@ -392,13 +396,14 @@ def _encode_record(
         index = seen.get(id(value))
         if index is None:
             desc, data = (describe_array or describe)(value)
-            if (
-                elide_zeros
-                and data is not None
-                and data.size
-                and not data.reshape(-1).view(np.uint8).any()
-            ):
-                desc["fill"], data = "zeros", None
+            if data is not None and (all_fills or data.nbytes >= _MIN_FILL_BYTES):
+                element = repeated_element(data)
+                if element is not None:
+                    data = None
+                    if any(element):
+                        desc.update(fill="repeat", element=element.hex())
+                    else:
+                        desc["fill"] = "zeros"
             index = seen[id(value)] = len(arrays)
             arrays.append(data)
             descriptors.append(desc)
@@ -477,7 +482,7 @@ def _write(
         with progress(total, "writing arrays", threshold=_PROGRESS_BYTES) as advance:
             for index, data in enumerate(arrays):
                 if data is None:
-                    continue  # stored as "fill": "zeros" in the array table
+                    continue  # a fill: its descriptor in the array table says it all
                 if index in compress:
                     writer.add_bytes(_format.array_member(index), data.tobytes(), compress=True)
                 else:

@@ -274,7 +274,7 @@ def _compression_plan(arrays: list[np.ndarray]) -> dict:
     compress, total = [], ARCHIVE_OVERHEAD
     for index, data in enumerate(arrays):
         if data is None:
-            continue  # all zeros: no payload at all
+            continue  # a fill (all zeros, or one element repeated): no payload at all
         size = data.nbytes
         if size >= 4096:
             packed = compressed_size(data)

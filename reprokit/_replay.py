@@ -162,7 +162,7 @@ def _decode(
 ) -> LoadedArchive:
     import jax
 
-    from reprokit._arrays import aligned_zeros, rebuild
+    from reprokit._arrays import filled, rebuild
     from reprokit._environment import apply_jax_config
 
     recorded = opened.manifest["environment"].get("jax_config", {})
@@ -192,7 +192,10 @@ def _decode(
             desc = descriptors[index]
             member = _format.array_member(index)
             if desc.get("fill") is not None:
-                raw = aligned_zeros(desc["nbytes"])
+                try:
+                    raw = filled(desc)
+                except ValueError as error:
+                    raise ArchiveError(f"array {index}: {error}") from None
             elif checkpoint is not None and "checkpoint" in desc:
                 raw = checkpoint.read(desc)
             elif opened.reader.size(member) != desc["nbytes"]:

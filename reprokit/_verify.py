@@ -258,9 +258,9 @@ def check_structure(
     own libraries, the standard library, or a denied or private name.
     Every array in the table must be used, so that `run` reads, and thereby
     CRC-checks, each one. With `max_array_bytes`, the arrays together may not
-    be larger: zero-filled arrays have no member whose size the container's
-    limits would bound, so a tiny archive could otherwise ask for any amount
-    of memory.
+    be larger: filled arrays (all zeros, or one element repeated) have no
+    member whose size the container's limits would bound, so a tiny archive
+    could otherwise ask for any amount of memory.
 
     Raises:
         ArchiveError: naming the first problem (`RefusedTypeError` for names).

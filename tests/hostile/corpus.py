@@ -333,6 +333,41 @@ def _zero_filled_bomb(data: bytes, members: list[Member]) -> bytes:
     return build(data, [m for m in members if m.name != "arrays/0.bin"])
 
 
+def _filled_array(index: int, **fields: Any) -> Builder:
+    """Array `index` becomes a payload-free fill described by `fields`; its member goes."""
+    edit = _edit_array(index, **fields)
+    return lambda data, members: edit(
+        data, [m for m in members if m.name != f"arrays/{index}.bin"]
+    )
+
+
+# A repeated element has no member either; its bytes must be the dtype's, in hex.
+case("array-repeat-filled-bomb", "limit")(
+    _filled_array(0, fill="repeat", element="0000c07f", shape=[2**20, 2**20], nbytes=2**42)
+)
+for _label, _element in {
+    "short": "00",
+    "long": "0000c07f00",
+    "not-hex": "zzzzzzzz",
+    "uppercase": "0000C07F",
+    "list": [0, 0, 192, 127],
+    "bytes": b"\x00\x00\xc0\x7f",
+    "none": None,
+}.items():
+    case(f"array-repeat-element-{_label}", "repeated element")(
+        _filled_array(0, fill="repeat", element=_element)
+    )
+case("array-repeat-without-element", "exactly when")(_filled_array(0, fill="repeat"))
+case("array-element-without-fill", "exactly when")(_edit_array(0, element="00000000"))
+case("array-zeros-fill-with-element", "exactly when")(
+    _filled_array(0, fill="zeros", element="00000000")
+)
+case("array-unknown-fill", "unknown array fill")(_filled_array(0, fill="ones"))
+case("array-fill-not-a-string", "unknown array fill")(_filled_array(0, fill=["zeros"]))
+case("array-repeat-fill-with-payload", "no payload member")(
+    _edit_array(0, fill="repeat", element="0000c07f")
+)
+
 case("array-negative-shape", "invalid array dimension")(_edit_array(0, shape=[-4, -8], nbytes=128))
 case("array-overflowing-shape", "invalid array dimension")(
     _edit_array(0, shape=[2**63 - 1, 2], nbytes=128)
