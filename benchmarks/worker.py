@@ -584,7 +584,7 @@ def _compress_row(pattern: str, case: Any, folder: str) -> dict:
     plain_arrays: list[Any] = []
     plain_tree = _pack._encode_record(record, plain_arrays, ())
     fit_arrays: list[Any] = []
-    fit_tree = _pack._encode_record(record, fit_arrays, (), elide_zeros=True)
+    fit_tree = _pack._encode_record(record, fit_arrays, (), all_fills=True)
 
     def plain_stream() -> None:
         _pack._write(paths["stream"], manifest, plain_tree, plain_arrays, stablehlo, None)
