@@ -122,6 +122,8 @@ def test_two_processes_pack_one_archive_through_orbax(two_process_archives):
     assert reports[0]["orbax"]["size"] > 0 and reports[1]["orbax"]["size"] == 0
     path = folder / "orbax.repro.zip"
     assert not (folder / "orbax.repro.zip.shards").exists()  # scratch shards cleaned up
+    # Process 0 writes the issue snippet beside the archive, as a one-process pack does.
+    assert "orbax.repro.zip" in (folder / "orbax.issue.md").read_text()
     with zipfile.ZipFile(path) as archive:
         names = archive.namelist()
         manifest = json.loads(archive.read("manifest.json"))
