@@ -590,7 +590,7 @@ def _compress_row(pattern: str, case: Any, folder: str) -> dict:
         _pack._write(paths["stream"], manifest, plain_tree, plain_arrays, stablehlo, None)
 
     def deflated_stream() -> dict:
-        plan = _redact._compression_plan(fit_arrays)
+        plan = _redact.compression_plan(fit_arrays)
         compress = set(plan["compress"])
         _pack._write(paths["deflated"], manifest, fit_tree, fit_arrays, stablehlo, None, compress)
         return plan

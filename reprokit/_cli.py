@@ -314,6 +314,12 @@ def _walk_with_keypaths(model):
     "parameters, or refuse.",
 )
 @click.option(
+    "--compress",
+    is_flag=True,
+    help="Deflate each array that shrinks by a tenth or more (slower to pack; replay reads "
+    "it the same way). --max-size does this by itself.",
+)
+@click.option(
     "--check/--no-check",
     default=True,
     help="Replay the finished archive in a fresh process and record whether it reproduces "
@@ -370,6 +376,7 @@ def pack(
     bundle_code=False,
     gather=False,
     shards_dir=None,
+    compress=False,
 ):
     """Run TARGET's model once and pack the selected layer's call into an archive.
 
@@ -416,6 +423,7 @@ def pack(
                 redact=list(redact),
                 max_size=max_size,
                 bundle_code=bundle_code,
+                compress=compress,
             )
             return
         if explain:
@@ -445,6 +453,7 @@ def pack(
             bundle_code=bundle_code,
             gather=gather,
             shards_dir=shards_dir,
+            compress=compress,
         )
         if as_json:
             click.echo(json.dumps(dataclasses.asdict(result), indent=1))

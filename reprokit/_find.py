@@ -760,6 +760,7 @@ class FindResult:
         redact: Any = None,
         max_size: str | int | None = None,
         bundle_code: bool = False,
+        compress: bool = False,
     ):
         """Captures the culprit's call again and packs it; the archive records how it was found.
 
@@ -780,6 +781,7 @@ class FindResult:
             redact=redact,
             max_size=max_size,
             bundle_code=bundle_code,
+            compress=compress,
         )
 
 
@@ -1240,7 +1242,7 @@ def pack_found(
     """Packs the call `result` points at, recording in the manifest how it was found.
 
     `options` are `write_archive`'s (note, signature, allow_modules, check,
-    redact, max_size).
+    redact, max_size, bundle_code, compress).
     """
     from reprokit._issue import write_issue_snippet
     from reprokit._pack import write_archive

@@ -109,6 +109,7 @@ def pack(
     bundle_code: bool = False,
     gather: bool = False,
     shards_dir: str | os.PathLike | None = None,
+    compress: bool = False,
 ) -> PackResult:
     """Captures the layer picked by `selection` while its model runs on `argument`, and packs it.
 
@@ -135,6 +136,9 @@ def pack(
         shapes); weaker redactions are tried until the issue still reproduces.
       max_size: e.g. "25MB" (GitHub's attachment limit): compress, then zero
         the largest parameters the issue does not need, or refuse.
+      compress: deflate each array member that shrinks by a tenth or more
+        (slower to pack; replay reads it the same way); `max_size` does this
+        by itself.
       bundle_code: copy the source of your own modules the layer needs (and
         of classes defined in your script) into the archive; the maintainer
         imports it only with `reprokit run --trust-code`.
@@ -163,9 +167,10 @@ def pack(
     import jax
 
     if jax.process_count() > 1:
-        if redact or max_size is not None:
+        if redact or max_size is not None or compress:
             raise UsageError(
-                "redact and max_size are not supported when packing from several processes"
+                "redact, max_size and compress are not supported when packing from several "
+                "processes"
             )
         from reprokit._multihost import pack_multiprocess
 
@@ -202,6 +207,7 @@ def pack(
         redact=redact,
         max_size=max_size,
         bundle_code=bundle_code,
+        compress=compress,
     )
     return dataclasses.replace(result, issue_path=write_issue_snippet(result.path))
 
@@ -262,12 +268,13 @@ def write_archive(
     signature_info: dict | None = None,
     describe_array: Any = None,
     extra_members: list[tuple[str, bytes]] | tuple = (),
+    compress: bool = False,
 ) -> PackResult:
     """Writes one captured call as an archive (the part of `pack` after capture).
 
     `extra_manifest` adds JSON fields to the manifest (e.g. how the layer was
     found); they must not collide with the format's own fields. `redact`,
-    `max_size` and `bundle_code` are described in `pack`. For multi-process
+    `max_size`, `bundle_code` and `compress` are described in `pack`. For multi-process
     captures (`reprokit._multihost`): `signature_info` is the recorded issue
     decided without reading the outputs, `describe_array(value)` returns an
     array's (descriptor, payload or None), and `extra_members` are added as
@@ -311,7 +318,7 @@ def write_archive(
         record,
         arrays,
         allow,
-        all_fills=bool(spec) or limit is not None,
+        all_fills=bool(spec) or limit is not None or compress,
         module_aliases=aliases,
         describe_array=describe_array,
     )
@@ -349,11 +356,17 @@ def write_archive(
         if key in manifest:
             raise ValueError(f"extra manifest field {key!r} collides with a format field")
         manifest[key] = value
-    compress = set(size_fit["compress"]) if size_fit else set()
+    if size_fit:
+        deflate = set(size_fit["compress"])
+    elif compress:
+        deflate = set(_redact.compression_plan(arrays)["compress"])
+        manifest["compressed_arrays"] = len(deflate)
+    else:
+        deflate = set()
     members = [*(bundle.files if bundle is not None else ()), *extra_members]
     trust = bundle is not None and bool(bundle.files)
     self_check = _write(
-        out, manifest, tree, arrays, stablehlo, allow if check else None, compress, members, trust
+        out, manifest, tree, arrays, stablehlo, allow if check else None, deflate, members, trust
     )
     return PackResult(
         path=out,

@@ -230,7 +230,7 @@ def fit(record, signature: dict, mode: str, max_size: int, encode) -> tuple[Any,
     deflate; raises CaptureError with what would fit when nothing does.
     """
     tree, arrays = encode(record)
-    plan = _compression_plan(arrays)
+    plan = compression_plan(arrays)
     if plan["estimated_size"] <= max_size:
         return record, plan
     zeroed: list[str] = []
@@ -249,7 +249,7 @@ def fit(record, signature: dict, mode: str, max_size: int, encode) -> tuple[Any,
         record = trial
         zeroed.append(param.label)
         tree, arrays = encode(record)
-        plan = _compression_plan(arrays)
+        plan = compression_plan(arrays)
         if plan["estimated_size"] <= max_size:
             plan["zeroed_parameters"] = zeroed
             return record, plan
@@ -270,7 +270,12 @@ def _nbytes(tree) -> int:
     return sum(getattr(leaf, "nbytes", 0) for leaf in jax.tree_util.tree_leaves(tree))
 
 
-def _compression_plan(arrays: list[np.ndarray]) -> dict:
+def compression_plan(arrays: list[np.ndarray]) -> dict:
+    """Which array payloads to deflate ("compress": indices) and the archive's estimated size.
+
+    A payload is deflated when that saves a tenth of it and stays within the
+    reader's zip-bomb ratio; None payloads (fills) cost nothing.
+    """
     compress, total = [], ARCHIVE_OVERHEAD
     for index, data in enumerate(arrays):
         if data is None:

@@ -168,6 +168,25 @@ def test_big_archive_is_fitted_under_max_size_and_still_reproduces(tmp_path):
         reprokit.pack(selection, x, out=tmp_path / "tiny.repro.zip", max_size="10KB")
 
 
+def test_compress_deflates_arrays_that_pay_and_replays_the_same(tmp_path):
+    # 90% zeros, not constant: deflate shrinks it, a fill cannot hold it.
+    rng = np.random.default_rng(0)
+    values = np.where(rng.random((512, 512)) < 0.1, rng.standard_normal((512, 512)), 0.0)
+    values = values.astype(np.float32)
+    model = pz.nn.Sequential([pz.nn.Elementwise(jnp.exp)])
+    selection = pz.select(model).at_instances_of(pz.nn.Elementwise)
+    argument = pz.nx.wrap(jnp.asarray(values), "batch", "features")
+    plain = reprokit.pack(selection, argument, out=tmp_path / "plain.repro.zip", check=False)
+    packed = reprokit.pack(selection, argument, out=tmp_path / "small.repro.zip", compress=True)
+    assert packed.size < plain.size / 4 and packed.self_check["reproduced"]
+    assert reprokit.load(packed.path).manifest["compressed_arrays"] == 2
+    with zipfile.ZipFile(packed.path) as archive:
+        deflated = [i.filename for i in archive.infolist() if i.compress_type == zipfile.ZIP_DEFLATED]
+    assert {"arrays/0.bin", "arrays/1.bin"} <= set(deflated)
+    code, verdict = run_json("run", packed.path)
+    assert code == 0 and verdict["reproduced"] and verdict["output_bitwise_equal"]
+
+
 def test_heisenbug_suggests_the_mode_that_shows_the_issue(tmp_path):
     model = models.mlp()
     selection = pz.select(model).at_instances_of(pz.nn.Linear).pick_nth_selected(0)
