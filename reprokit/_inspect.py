@@ -145,7 +145,11 @@ def describe_archive(
     ]
     arrays = structure["arrays"]
     total = sum(d["nbytes"] for d in arrays)
-    lines.append(f"arrays: {len(arrays)} ({_format.human_bytes(total)})")
+    filled = sum(isinstance(d, dict) and "fill" in d for d in arrays)
+    lines.append(
+        f"arrays: {len(arrays)} ({_format.human_bytes(total)})"
+        + (f", {filled} stored as fills (one value repeated, no bytes)" if filled else "")
+    )
     if statistics:
         lines.append("  min, max and mean are over finite values; NaN and Inf are counts")
         lines += ["  " + line for line in format_statistics(statistics).splitlines()]

@@ -55,6 +55,8 @@ class PackResult:
     contents: dict | None = None
     # Members holding the reporter's own code (--bundle-code).
     bundled: tuple[str, ...] = ()
+    # Arrays stored without payload: all zeros, or one element repeated.
+    filled_arrays: int = 0
 
     def summary(self) -> str:
         """A few lines for the terminal: what was packed and how to replay it."""
@@ -65,7 +67,8 @@ class PackResult:
                 f"packed {self.layer_type} at {self.keypath} (call {self.call_index + 1} of "
                 f"{self.call_count}, {self.mode}) into {self.path} ({_format.human_bytes(self.size)})",
                 f"  recorded issue: {sig}",
-                f"  arrays: {self.array_count} ({_format.human_bytes(self.array_bytes)})",
+                f"  arrays: {self.array_count} ({_format.human_bytes(self.array_bytes)})"
+                + _fills_text(self.filled_arrays),
                 f"  replay: reprokit run {name}" + (" --trust-code" if self.bundled else ""),
                 *(
                     [
@@ -90,6 +93,12 @@ class PackResult:
                 *([] if self.self_check is None else describe_self_check(self.self_check, self.mode)),
             ]
         )
+
+
+def _fills_text(count: int) -> str:
+    if not count:
+        return ""
+    return f", {count} of them one value repeated (stored as fills, no bytes)"
 
 
 def pack(
@@ -382,6 +391,7 @@ def write_archive(
         self_check=self_check,
         contents=manifest["contents"],
         bundled=tuple(name for name, _ in (bundle.files if bundle is not None else ())),
+        filled_arrays=sum("fill" in desc for desc in tree["arrays"]),
     )
 
 

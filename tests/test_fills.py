@@ -48,6 +48,8 @@ def test_all_nan_output_and_constant_input_take_no_payload(nan_archive):
     path, result = nan_archive
     assert result.self_check["reproduced"]
     assert path.stat().st_size < 64 * 2**10  # the two arrays alone are 512 KiB
+    assert result.filled_arrays == 2
+    assert "arrays: 2 (512.0 KiB), 2 of them one value repeated" in result.summary()
     descriptors = _descriptors(path)
     fills = {desc.get("fill") for desc in descriptors}
     assert fills == {"repeat"}, descriptors
@@ -88,6 +90,7 @@ def test_inspect_counts_the_nans_of_a_fill_without_a_payload(nan_archive):
     assert argument["min"] == argument["max"] == argument["mean"] == -1.0
     text = run_reprokit("inspect", path)
     assert text.returncode == 0 and f"float32[{SIDE},{SIDE}] (repeat)" in text.stdout
+    assert "arrays: 2 (512.0 KiB), 2 stored as fills" in text.stdout
 
 
 def test_max_size_fits_a_nan_array_deflate_could_not(tmp_path):
