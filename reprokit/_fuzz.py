@@ -118,7 +118,7 @@ def make_base_archives(folder: str | os.PathLike[str]) -> dict[str, str]:
     """Packs a few tiny real layers with `reprokit.pack`; returns name -> path.
 
     Covers the three signature kinds, typed PRNG keys, state variables, weak
-    types, functions (`Elementwise`), ordered dicts, and a whole model.
+    types, functions (`Elementwise`), ordered dicts, fills and a whole model.
     """
     import jax
     import jax.numpy as jnp
@@ -156,6 +156,13 @@ def make_base_archives(folder: str | os.PathLike[str]) -> dict[str, str]:
             wrong_axes,
             {},
             {"signature": "exception", "check": False},
+        ),
+        # log(-1) everywhere: input and output repeat one value, stored as fills.
+        "filled": (
+            pz.select(pz.nn.Sequential([pz.nn.Elementwise(jnp.log)])).at_keypaths([()]),
+            pz.nx.wrap(jnp.full((3, 4), -1.0), "batch", "features"),
+            {},
+            {"compress": True, "check": False},
         ),
     }
     paths = {}
@@ -515,9 +522,16 @@ def _m_array_table(rng, data, members):
     if not arrays:
         return _m_structure_node(rng, data, members)
     desc = rng.choice(arrays)
-    field = rng.choice(["dtype", "shape", "nbytes", "kind", "weak_type", "key_impl", "extra"])
+    field = rng.choice(
+        ["dtype", "shape", "nbytes", "kind", "weak_type", "key_impl", "fill", "element", "extra"]
+    )
     desc[field] = rng.choice(
         [
+            "zeros",
+            "repeat",
+            "0000c07f",
+            "00",
+            "0000C07F",
             "object",
             "O",
             "V2",
