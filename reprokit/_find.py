@@ -822,6 +822,13 @@ def _header(
             lines.append(f"  tolerance: {found_by['tolerance']:.1e} (max error / max |reference|)")
     for param in found_by.get("nonfinite_parameters", []):
         lines.append(f"  non-finite parameter: {param['label']} ({_counts_text(param)})")
+    inner = found_by.get("sublayer_calls")
+    if inner:
+        behaved = "ran without raising" if check == "exception" else "behaved"
+        lines.append(
+            f"  inside it: {inner} sublayer call(s), each of which {behaved}; none of them "
+            "alone shows the issue, so this is the smallest layer that does"
+        )
     also = found_by.get("also_misbehaved") or []
     if also:
         lines.append(
@@ -978,6 +985,10 @@ def _found_by(session, culprit, check, mode, passes, reference_name, tolerance) 
             also.append(session.sites[call.site].keystr or "(the whole model)")
         call = call.parent
     found_by["also_misbehaved"] = also
+    # What makes it the smallest: every call made inside it behaved, so none of
+    # those sublayers, replayed alone on what it received, shows the issue.
+    if culprit.call is not None:
+        found_by["sublayer_calls"] = sum(call.parent is culprit.call for call in session.calls)
     return found_by
 
 

@@ -100,6 +100,24 @@ def test_report_shows_the_tree_and_marks_the_culprit(capsys):
     assert printed.count("(contains the culprit)") >= 5
 
 
+def test_a_composite_culprit_says_why_no_sublayer_alone_was_chosen(tmp_path):
+    # Residual's own sum overflows (3e38 + 3e38); its Identity delta behaves.
+    model = pz.nn.Sequential([pz.nn.Residual(delta=pz.nn.Identity())])
+    result = reprokit.search(model, jnp.full((2, 4), 3e38))
+    assert result.keypath == "Sequential.sublayers[0]" and result.found_by["sublayer_calls"] == 1
+    assert "inside it: 1 sublayer call(s), each of which behaved" in result.report
+    out = tmp_path / "residual.repro.zip"
+    result.pack(out, check=False)
+    code, verdict = run_json("run", out)
+    assert code == 0 and verdict["reproduced"] is True
+    # Replayed alone on what the Residual received, the sublayer shows nothing.
+    inner = pz.select(model).at_instances_of(pz.nn.Identity)
+    with pytest.raises(UsageError, match="shows none"):
+        reprokit.pack(
+            inner, jnp.full((2, 4), 3e38), out=tmp_path / "inner.repro.zip", signature="nonfinite"
+        )
+
+
 def test_a_layer_that_raises_for_one_sequence_length_is_found(tmp_path):
     model = models.llamalike(blocks=3)
     feed_forward = pz.select(model).at_instances_of(model_parts.TransformerFeedForward)
