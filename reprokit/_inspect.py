@@ -339,7 +339,8 @@ def fill_statistics(desc: dict) -> dict:
 
     size = math.prod(desc["shape"])
     if desc["kind"] == "key" or size == 0:
-        return {**array_statistics(desc, filled(desc)), "fill": desc["fill"]}
+        # Key statistics never read the bits, and an empty array has none.
+        return {**array_statistics(desc, np.empty(0, np.uint8)), "fill": desc["fill"]}
     one = {**desc, "shape": [1], "nbytes": dtype_from_name(desc["dtype"]).itemsize}
     stats = array_statistics(one, filled(one))
     return {
