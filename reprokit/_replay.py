@@ -151,10 +151,39 @@ def load(
     """
     opened = open_archive(path, limits, allow_modules=tuple(allow_modules))
     try:
+        _check_memory(opened.structure["arrays"])
         with _bundle.admitted(opened, tuple(allow_modules), trust_code) as allowed:
             return _decode(opened, AllowList(allowed), config_overrides or {}, mesh)
     finally:
         opened.close()
+
+
+def available_memory() -> int | None:
+    """Bytes of memory this machine can still give (Linux MemAvailable), or None if unknown."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
+def _check_memory(descriptors: list[dict]) -> None:
+    # Fills have no bytes in the archive, so a tiny one can ask for any size up
+    # to the total limit: refuse here rather than be killed for memory midway.
+    needed = sum(desc["nbytes"] for desc in descriptors)
+    available = available_memory()
+    if available is not None and needed > available:
+        raise ArchiveError(
+            f"the archive's arrays need {_format.human_bytes(needed)} of memory and "
+            f"{_format.human_bytes(available)} is available here; refused (replay it on a "
+            "machine with more memory; reprokit inspect reads it without rebuilding)"
+        )
 
 
 def _decode(

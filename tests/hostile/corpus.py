@@ -357,6 +357,17 @@ for _label, _element in {
     case(f"array-repeat-element-{_label}", "repeated element")(
         _filled_array(0, fill="repeat", element=_element)
     )
+# Just within the total-size limit (256 GiB) but beyond the memory of any
+# machine the tests run on: only `run` rebuilds arrays, and it refuses before
+# allocating instead of being killed. The test skips it, saying so, on a
+# machine with that much memory available.
+BEYOND_MEMORY = 4 * 2**18 * (2**18 - 16)
+case("array-fill-beyond-memory", "of memory")(
+    _filled_array(
+        0, fill="repeat", element="0000c07f", shape=[2**18, 2**18 - 16], nbytes=BEYOND_MEMORY
+    )
+)
+REFUSED_BY["array-fill-beyond-memory"] = ("run",)
 case("array-repeat-without-element", "exactly when")(_filled_array(0, fill="repeat"))
 case("array-element-without-fill", "exactly when")(_edit_array(0, element="00000000"))
 case("array-zeros-fill-with-element", "exactly when")(
