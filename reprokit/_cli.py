@@ -456,7 +456,9 @@ def pack(
             compress=compress,
         )
         if as_json:
-            click.echo(json.dumps(dataclasses.asdict(result), indent=1))
+            from reprokit._verdict import json_ready
+
+            click.echo(json.dumps(json_ready(dataclasses.asdict(result)), indent=1, allow_nan=False))
         elif not quiet:
             click.echo(result.summary())
 
@@ -505,7 +507,9 @@ def _find_and_pack(
         payload = {**dataclasses.asdict(result), "found_by": found.found_by}
         if explain:
             payload["report"] = found.report
-        click.echo(json.dumps(payload, indent=1))
+        from reprokit._verdict import json_ready
+
+        click.echo(json.dumps(json_ready(payload), indent=1, allow_nan=False))
     elif not quiet:
         where = f"call {found.call_index + 1} of {found.call_count}"
         click.echo(f"found by --find {find_check}: {found.keypath} ({where})")
@@ -650,6 +654,8 @@ def run(
         if sweep:
             extras["sweep"] = _variants.sweep(archive, loaded, allow_modules, trust_code=trust_code)
         if as_json:
+            from reprokit._verdict import json_ready
+
             payload = verdict.as_dict()
             if "sweep" in extras:
                 extras["sweep"] = [dataclasses.asdict(row) for row in extras["sweep"]]
@@ -657,7 +663,7 @@ def run(
             payload.update(
                 expected=expect, as_expected=verdict.reproduced == (expect == "reproduced")
             )
-            click.echo(json.dumps(payload, indent=1, default=str))
+            click.echo(json.dumps(json_ready(payload), indent=1, default=str, allow_nan=False))
         elif not quiet:
             click.echo(verdict.format())
             if "repeat" in extras:

@@ -89,7 +89,7 @@ def _main(argv: list[str]) -> int:
     allow = tuple(rest[i + 1] for i, arg in enumerate(rest) if arg == "--allow-module")
     trust_code = "--trust-code" in rest
     from reprokit._replay import load, recorded_outcome, replay_loaded, replayed_outcome
-    from reprokit._verdict import judge
+    from reprokit._verdict import json_ready, judge
 
     try:
         loaded = load(path, allow_modules=allow, trust_code=trust_code)
@@ -121,7 +121,7 @@ def _main(argv: list[str]) -> int:
         }
     except Exception as error:  # reported to the reporter, who can rerun with --no-check
         result = {"ran": False, "error": " ".join(f"{type(error).__name__}: {error}".split())[:300]}
-    print(json.dumps(result))
+    print(json.dumps(json_ready(result), allow_nan=False))
     return 0
 
 

@@ -130,8 +130,11 @@ def _errors(want: np.ndarray, got: np.ndarray) -> dict:
     wide = np.complex128 if want.dtype.kind == "c" else np.float64
     a, b = want.astype(wide), got.astype(wide)
     same_nonfinite = (np.isnan(a) & np.isnan(b)) | (a == b)
-    diff = np.where(same_nonfinite, 0.0, np.abs(a - b))
-    with np.errstate(divide="ignore", invalid="ignore"):
+    # inf - inf and NaN against a number have no finite distance: they count as
+    # infinitely far apart (NaN would vanish from a max), and warn nobody.
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        diff = np.where(same_nonfinite, 0.0, np.abs(a - b))
+        diff = np.where(np.isnan(diff), np.inf, diff)
         rel = np.where(same_nonfinite, 0.0, diff / np.abs(a))
     rel = np.where(np.isnan(rel), np.inf, rel)
     scale = float(np.max(np.abs(np.where(np.isfinite(a), a, 0)), initial=0.0))
@@ -140,6 +143,24 @@ def _errors(want: np.ndarray, got: np.ndarray) -> dict:
         "max_rel_error": float(np.max(rel, initial=0.0)),
         "scale": scale,
     }
+
+
+def json_ready(value: Any) -> Any:
+    """`value` with every non-finite float spelled "inf", "-inf" or "nan".
+
+    Errors between outputs are often infinite; `json.dumps` would write them
+    as `Infinity`/`NaN`, which are not JSON and which strict readers (jq,
+    JavaScript, reprokit's own manifest reader) refuse.
+    """
+    if isinstance(value, float) and value != value:
+        return "nan"
+    if isinstance(value, float) and value in (float("inf"), float("-inf")):
+        return "inf" if value > 0 else "-inf"
+    if isinstance(value, dict):
+        return {key: json_ready(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_ready(item) for item in value]
+    return value
 
 
 def _normalize_message(message: str) -> str:
