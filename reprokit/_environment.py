@@ -819,10 +819,10 @@ def _unreviewed_config_problems(recorded: dict[str, Any], meta: dict[str, Any]) 
 
     problems = []
     for name, value in _unreviewed_config_items(recorded).items():
+        # The archive chose these names and values: keep each line short.
+        entry = f"{name[:80]}={_clipped_repr(value)}"
         if name not in jax.config.values:
-            problems.append(
-                f"jax config {name}={value!r}: unknown to jax {jax.__version__}, not applied"
-            )
+            problems.append(f"jax config {entry}: unknown to jax {jax.__version__}, not applied")
             continue
         current = jax.config.values[name]
         try:
@@ -832,10 +832,15 @@ def _unreviewed_config_problems(recorded: dict[str, Any], meta: dict[str, Any]) 
         if type(wanted) is type(current) and wanted == current:
             continue
         problems.append(
-            f"jax config {name}={value!r}: not on reprokit's list of options a replay"
-            f" applies (set it by hand to try it), not applied"
+            f"jax config {entry}: not on reprokit's list of options a replay applies"
+            " (set it by hand to try it), not applied"
         )
     return problems
+
+
+def _clipped_repr(value: Any, width: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= width else text[: width - 3] + "..."
 
 
 # ---------------------------------------------------------------------------
