@@ -782,43 +782,18 @@ def apply_jax_config(recorded: dict[str, Any]) -> list[str]:
     skipped and `jax_enable_x64` goes first), converts enum options back to
     their enum instances and calls `jax.config.update` for every value that
     differs from the current one. Never raises for a bad entry: returns one
-    human-readable line per entry that is unknown to this jax version or
-    whose value was refused. Call it before decoding any array.
+    human-readable line per entry that is unknown to this jax version, whose
+    value was refused, or that differs here but is not on the reviewed list
+    (so was not applied). Call it before decoding any array.
     """
     import jax
 
     meta = getattr(jax.config, "meta", {})
-    problems = _unreviewed_config_problems(recorded, meta)
-    for name, value in restorable_config_items(recorded).items():
-        current_values = jax.config.values
-        if name not in current_values:
-            problems.append(
-                f"jax config {name}={value!r}: unknown to jax {jax.__version__}, not applied"
-            )
-            continue
-        current = current_values[name]
-        try:
-            wanted = _decode_config_value(name, value, current, meta)
-        except _NotRestorable as error:
-            problems.append(f"jax config {name}: {error}, not applied")
-            continue
-        if type(wanted) is type(current) and wanted == current:
-            continue
-        try:
-            jax.config.update(name, wanted)
-        except Exception as error:  # any refusal is reported
-            problems.append(
-                f"jax config {name}={value!r}: refused by jax {jax.__version__}"
-                f" ({type(error).__name__}: {' '.join(str(error).split())[:200]})"
-            )
-    return problems
-
-
-def _unreviewed_config_problems(recorded: dict[str, Any], meta: dict[str, Any]) -> list[str]:
-    import jax
-
-    problems = []
-    for name, value in _unreviewed_config_items(recorded).items():
+    problems: list[str] = []
+    reviewed = restorable_config_items(recorded)
+    # Unreviewed options go through the same checks, to be reported when they
+    # could matter, but are never applied.
+    for name, value in {**reviewed, **_unreviewed_config_items(recorded)}.items():
         # The archive chose these names and values: keep each line short.
         entry = f"{name[:80]}={_clipped_repr(value)}"
         if name not in jax.config.values:
@@ -827,14 +802,26 @@ def _unreviewed_config_problems(recorded: dict[str, Any], meta: dict[str, Any]) 
         current = jax.config.values[name]
         try:
             wanted = _decode_config_value(name, value, current, meta)
-        except _NotRestorable:
+        except _NotRestorable as error:
+            if name in reviewed:
+                problems.append(f"jax config {name}: {error}, not applied")
+                continue
             wanted = value
         if type(wanted) is type(current) and wanted == current:
             continue
-        problems.append(
-            f"jax config {entry}: not on reprokit's list of options a replay applies"
-            " (set it by hand to try it), not applied"
-        )
+        if name not in reviewed:
+            problems.append(
+                f"jax config {entry}: not on reprokit's list of options a replay applies"
+                " (set it by hand to try it), not applied"
+            )
+            continue
+        try:
+            jax.config.update(name, wanted)
+        except Exception as error:  # any refusal is reported
+            problems.append(
+                f"jax config {entry}: refused by jax {jax.__version__}"
+                f" ({type(error).__name__}: {' '.join(str(error).split())[:200]})"
+            )
     return problems
 
 
