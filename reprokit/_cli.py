@@ -67,6 +67,13 @@ def _debug_option(fn):
     return click.option("--debug", is_flag=True, help="Show tracebacks of errors.")(fn)
 
 
+def _echo_measured_json(payload: dict) -> None:
+    """Prints a verdict or pack result: errors may be infinite, and must still be JSON."""
+    from reprokit._verdict import json_ready
+
+    click.echo(json.dumps(json_ready(payload), indent=1, default=str, allow_nan=False))
+
+
 def _json_option(fn):
     return click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")(fn)
 
@@ -456,9 +463,7 @@ def pack(
             compress=compress,
         )
         if as_json:
-            from reprokit._verdict import json_ready
-
-            click.echo(json.dumps(json_ready(dataclasses.asdict(result)), indent=1, allow_nan=False))
+            _echo_measured_json(dataclasses.asdict(result))
         elif not quiet:
             click.echo(result.summary())
 
@@ -507,9 +512,7 @@ def _find_and_pack(
         payload = {**dataclasses.asdict(result), "found_by": found.found_by}
         if explain:
             payload["report"] = found.report
-        from reprokit._verdict import json_ready
-
-        click.echo(json.dumps(json_ready(payload), indent=1, allow_nan=False))
+        _echo_measured_json(payload)
     elif not quiet:
         where = f"call {found.call_index + 1} of {found.call_count}"
         click.echo(f"found by --find {find_check}: {found.keypath} ({where})")
@@ -654,8 +657,6 @@ def run(
         if sweep:
             extras["sweep"] = _variants.sweep(archive, loaded, allow_modules, trust_code=trust_code)
         if as_json:
-            from reprokit._verdict import json_ready
-
             payload = verdict.as_dict()
             if "sweep" in extras:
                 extras["sweep"] = [dataclasses.asdict(row) for row in extras["sweep"]]
@@ -663,7 +664,7 @@ def run(
             payload.update(
                 expected=expect, as_expected=verdict.reproduced == (expect == "reproduced")
             )
-            click.echo(json.dumps(json_ready(payload), indent=1, default=str, allow_nan=False))
+            _echo_measured_json(payload)
         elif not quiet:
             click.echo(verdict.format())
             if "repeat" in extras:
