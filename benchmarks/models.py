@@ -155,8 +155,8 @@ def fill_special(case: Case, pattern: str) -> Case:
 
 def record_arrays(record: Any) -> list[np.ndarray]:
     """Every array leaf of a captured call, as numpy views of its bytes (keys as key data)."""
-    from reprokit._arrays import describe
-    from reprokit._pack import _record_parts
+    from reprokit.capture._pack import _record_parts
+    from reprokit.portable._arrays import describe
 
     seen: dict[int, np.ndarray] = {}
     for leaf in jax.tree_util.tree_leaves(_record_parts(record)):

@@ -172,7 +172,7 @@ class Orbax:
 
 def _capture(case: Any) -> tuple[Any, Any]:
     """(capture, record) as `pack` makes them: the model run once with the capturer."""
-    from reprokit._capture import capture_calls, choose_call
+    from reprokit.capture._capture import capture_calls, choose_call
 
     capture = capture_calls(case.selection(), case.argument, dict(case.side_inputs), None)
     return capture, choose_call(capture, None)
@@ -186,7 +186,8 @@ def _write_path(capture: Any, record: Any, out: str, stablehlo: tuple) -> Any:
     """`write_archive` with the StableHLO export given: encode, environment, manifest,
     archive stream, fsync, rename. (`pack` then also writes the issue snippet, timed apart.)
     """
-    from reprokit import _pack, _stablehlo
+    from reprokit.capture import _pack
+    from reprokit.record import _stablehlo
 
     real = _stablehlo.export_layer
     _stablehlo.export_layer = lambda parts: (stablehlo[0], dict(stablehlo[1]))
@@ -233,8 +234,9 @@ def task_write(args: dict) -> dict:
 
     import reprokit
     from benchmarks.models import build_case, record_arrays
-    from reprokit import _pack, _stablehlo
-    from reprokit._issue import write_issue_snippet
+    from reprokit.capture import _pack
+    from reprokit.record import _stablehlo
+    from reprokit.views._issue import write_issue_snippet
 
     folder, reps = args["dir"], args["repeats"]
     started = time.perf_counter()
@@ -339,7 +341,7 @@ def task_write(args: dict) -> dict:
 
     self_check = None
     if args.get("self_check", True):
-        from reprokit._selfcheck import self_check as run_self_check
+        from reprokit.capture._selfcheck import self_check as run_self_check
 
         start = time.perf_counter()
         outcome = run_self_check(paths["pack"])
@@ -447,7 +449,8 @@ def task_leaves(args: dict) -> dict:
 
     import reprokit
     from benchmarks.models import build_leafy, record_arrays
-    from reprokit import _pack, _stablehlo
+    from reprokit.capture import _pack
+    from reprokit.record import _stablehlo
 
     folder = args["dir"]
     rows = []
@@ -535,7 +538,8 @@ def _compress_row(pattern: str, case: Any, folder: str) -> dict:
 
     import reprokit
     from benchmarks.models import record_arrays
-    from reprokit import _pack, _redact, _stablehlo
+    from reprokit.capture import _pack, _redact
+    from reprokit.record import _stablehlo
 
     _, record = _capture(case)
     nbytes = sum(a.nbytes for a in record_arrays(record))
@@ -619,7 +623,7 @@ def task_compress(args: dict) -> dict:
     """
     from benchmarks.models import build_case, fill_special
 
-    # float32 only: reprokit._redact.compressed_size takes a memoryview of the
+    # float32 only: reprokit.capture._redact.compressed_size takes a memoryview of the
     # array, which has no format for bfloat16 ("cannot include dtype 'E'").
     base = build_case(args["bytes"], small_leaves=20, bf16=args.get("bf16", False))
     rows = []

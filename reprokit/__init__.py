@@ -28,24 +28,24 @@ from reprokit._errors import (
 )
 
 if TYPE_CHECKING:
-    from reprokit._find import FindResult, find, search
-    from reprokit._pack import PackResult, pack
-    from reprokit._replay import LoadedArchive, Verdict, load, replay
-    from reprokit._watch import FaultDetected, Watched, watch
+    from reprokit.capture._find import FindResult, find, search
+    from reprokit.capture._pack import PackResult, pack
+    from reprokit.capture._watch import FaultDetected, Watched, watch
+    from reprokit.replaying._replay import LoadedArchive, Verdict, load, replay
 
 _LAZY = {
-    "find": "reprokit._find",
-    "search": "reprokit._find",
-    "FindResult": "reprokit._find",
-    "watch": "reprokit._watch",
-    "Watched": "reprokit._watch",
-    "FaultDetected": "reprokit._watch",
-    "pack": "reprokit._pack",
-    "PackResult": "reprokit._pack",
-    "load": "reprokit._replay",
-    "replay": "reprokit._replay",
-    "LoadedArchive": "reprokit._replay",
-    "Verdict": "reprokit._replay",
+    "find": "reprokit.capture._find",
+    "search": "reprokit.capture._find",
+    "FindResult": "reprokit.capture._find",
+    "watch": "reprokit.capture._watch",
+    "Watched": "reprokit.capture._watch",
+    "FaultDetected": "reprokit.capture._watch",
+    "pack": "reprokit.capture._pack",
+    "PackResult": "reprokit.capture._pack",
+    "load": "reprokit.replaying._replay",
+    "replay": "reprokit.replaying._replay",
+    "LoadedArchive": "reprokit.replaying._replay",
+    "Verdict": "reprokit.replaying._replay",
 }
 
 __all__ = [

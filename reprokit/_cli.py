@@ -20,7 +20,6 @@ from collections.abc import Iterator
 
 import click
 
-from reprokit._archive import Limits
 from reprokit._errors import (
     EXIT_INVALID_ARCHIVE,
     EXIT_NOT_REPRODUCED,
@@ -31,7 +30,8 @@ from reprokit._errors import (
     ReprokitError,
     UsageError,
 )
-from reprokit._sharding import MESH_HELP as _MESH_HELP
+from reprokit.archive._container import Limits
+from reprokit.replaying._sharding import MESH_HELP as _MESH_HELP
 
 EXIT_CODES_HELP = f"""\b
 Exit codes:
@@ -69,7 +69,7 @@ def _debug_option(fn):
 
 def _echo_measured_json(payload: dict) -> None:
     """Prints a verdict or pack result: errors may be infinite, and must still be JSON."""
-    from reprokit._verdict import json_ready
+    from reprokit.portable._verdict import json_ready
 
     click.echo(json.dumps(json_ready(payload), indent=1, default=str, allow_nan=False))
 
@@ -440,7 +440,7 @@ def pack(
                 "choose the layer with --select KEYPATH (list them with --list), or let "
                 "--find nonfinite|exception|mismatch find it"
             )
-        from reprokit._pack import pack as pack_fn
+        from reprokit.capture._pack import pack as pack_fn
 
         selection = _select(model, keypath)
         out = out or f"{type(selection.get()).__name__.lower()}.repro.zip"
@@ -486,7 +486,7 @@ def _find_and_pack(
     """`pack --find CHECK`: locate the layer (reprokit.search), then pack the call it found."""
     from penzai import pz
 
-    from reprokit._find import search
+    from reprokit.capture._find import search
 
     if keypath:
         raise UsageError("pass either --select KEYPATH or --find CHECK, not both")
@@ -526,7 +526,7 @@ def _put_recorded_xla_flags(path: str) -> list[str]:
     """Sets the archive's XLA flags before jax starts; returns notes on flags left out."""
     if "jax" in sys.modules:
         return []
-    from reprokit._replay import open_archive
+    from reprokit.replaying._replay import open_archive
 
     opened = open_archive(path, _limits())
     try:
@@ -537,7 +537,7 @@ def _put_recorded_xla_flags(path: str) -> list[str]:
     current = os.environ.get("XLA_FLAGS", "").split()
     if not flags or flags == current:
         return []
-    from reprokit._environment import check_xla_flags, replayable_xla_flags
+    from reprokit.environment._environment import check_xla_flags, replayable_xla_flags
 
     flags, machine_specific = replayable_xla_flags(flags)
     accepted, rejected = check_xla_flags(flags)
@@ -634,8 +634,8 @@ def run(
     with _reported_errors(debug, EXIT_INVALID_ARCHIVE):
         _check_output_options(as_json, quiet)
         notes = _put_recorded_xla_flags(archive)
-        from reprokit import _variants
-        from reprokit._replay import load, replay_loaded
+        from reprokit.replaying import _variants
+        from reprokit.replaying._replay import load, replay_loaded
 
         loaded = load(
             archive,
@@ -735,8 +735,8 @@ def inspect(
         if html_out:
             _write_html(archive, html_out, allow_modules, trust_code, as_json, quiet)
             return
-        from reprokit._inspect import archive_statistics, describe_archive
-        from reprokit._replay import open_archive
+        from reprokit.replaying._replay import open_archive
+        from reprokit.views._inspect import archive_statistics, describe_archive
 
         # Every member's CRC is checked: the sha256 reads the whole file anyway.
         opened = open_archive(archive, _limits(), verify_members=True)
@@ -760,8 +760,8 @@ def inspect(
 def _write_html(
     archive: str, out: str, allow_modules, trust_code: bool, as_json: bool, quiet: bool
 ) -> None:
-    from reprokit._format import human_bytes
-    from reprokit._inspect import write_html
+    from reprokit.archive._format import human_bytes
+    from reprokit.views._inspect import write_html
 
     size = write_html(
         archive, out, allow_modules=allow_modules, limits=_limits(), trust_code=trust_code
@@ -796,16 +796,16 @@ def env(diff_archive, as_json, quiet, debug):
     """
     with _reported_errors(debug, EXIT_INVALID_ARCHIVE if diff_archive else EXIT_USAGE):
         _check_output_options(as_json, quiet)
-        from reprokit._environment import (
+        from reprokit.environment._environment import (
             capture_environment,
             diff_environments,
             format_environment_table,
         )
-        from reprokit._inspect import describe_environment
+        from reprokit.views._inspect import describe_environment
 
         recorded = None
         if diff_archive:
-            from reprokit._replay import open_archive
+            from reprokit.replaying._replay import open_archive
 
             # Read before jax starts: only the manifest is needed.
             opened = open_archive(diff_archive, _limits())
@@ -846,7 +846,7 @@ def issue(archive, as_json, quiet, debug):
     """
     with _reported_errors(debug, EXIT_INVALID_ARCHIVE):
         _check_output_options(as_json, quiet)
-        from reprokit._issue import issue_text
+        from reprokit.views._issue import issue_text
 
         info = issue_text(archive, limits=_limits())
         if as_json:
@@ -881,7 +881,7 @@ def verify(archive, as_json, quiet, allow_modules, debug):
     """
     with _reported_errors(debug, EXIT_INVALID_ARCHIVE):
         _check_output_options(as_json, quiet)
-        from reprokit._verify import verify_archive
+        from reprokit.archive._verify import verify_archive
 
         report = verify_archive(archive, allow_modules=allow_modules, limits=_limits())
         if as_json:

@@ -23,10 +23,10 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING
 
-from reprokit._environment import restored_jax_config
+from reprokit.environment._environment import restored_jax_config
 
 if TYPE_CHECKING:
-    from reprokit._replay import Verdict
+    from reprokit.replaying._replay import Verdict
 
 __all__ = ["assert_fixed", "assert_reproduces", "replay_isolated"]
 
@@ -48,7 +48,7 @@ def replay_isolated(
       ReprokitError: the archive is invalid or refused (`ArchiveError`), or
         cannot be replayed here (`ReplayError`).
     """
-    from reprokit._replay import replay
+    from reprokit.replaying._replay import replay
 
     with restored_jax_config():
         return replay(path, allow_modules=tuple(allow_modules))

@@ -12,6 +12,9 @@ import pytest
 
 TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
+# Test tools (the fuzzer, model factories) are imported by name from tests/ and tests/hostile/.
+if str(TESTS) not in sys.path:
+    sys.path.insert(0, str(TESTS))
 
 
 def subprocess_env(**extra: str) -> dict[str, str]:

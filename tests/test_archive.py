@@ -1,4 +1,4 @@
-"""Tests for reprokit._archive: round trips, interoperability, atomic writes and
+"""Tests for reprokit.archive._container: round trips, interoperability, atomic writes and
 refusal of hostile archives (each built here with the stdlib, on real files)."""
 
 from __future__ import annotations
@@ -17,14 +17,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from reprokit._archive import (
+from reprokit._errors import ArchiveError
+from reprokit.archive._container import (
     ALIGNMENT,
     ArchiveReader,
     ArchiveWriter,
     Limits,
     is_safe_member_name,
 )
-from reprokit._errors import ArchiveError
 
 SIZES = [0, 1, 63, 64, 65, 2**20]
 UNZIP = shutil.which("unzip")

@@ -28,7 +28,7 @@ import pytest
 from conftest import run_python, subprocess_env
 
 import reprokit
-from reprokit._verify import verify_archive
+from reprokit.archive._verify import verify_archive
 
 KILLS = 56
 PARALLEL = 4
@@ -43,8 +43,8 @@ import numpy as np
 import jax
 from penzai import pz
 import reprokit
-from reprokit import _archive
-from reprokit._verify import verify_archive
+from reprokit.archive import _container as _archive
+from reprokit.archive._verify import verify_archive
 
 folder, kills, parallel, seed = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 PACKS = 3
@@ -285,7 +285,7 @@ def _tiny_selection():
 def test_an_error_while_writing_leaves_no_temp_file_and_the_previous_archive(
     tmp_path, monkeypatch, error
 ):
-    from reprokit import _script
+    from reprokit.views import _script
 
     selection, argument = _tiny_selection()
     target = tmp_path / "layer.repro.zip"

@@ -20,8 +20,8 @@ import pytest
 from conftest import TESTS, run_reprokit, subprocess_env
 
 import reprokit
-from reprokit import _bundle
 from reprokit._errors import ArchiveError, CaptureError, RefusedTypeError
+from reprokit.record import _bundle
 
 SCRIPT = '''"""A reporter's script: the misbehaving layer is defined right here, in __main__."""
 from __future__ import annotations

@@ -16,9 +16,9 @@ from penzai.models.transformer import model_parts
 from penzai.nn import layer_stack
 
 from reprokit import CaptureError, RefusedTypeError
-from reprokit._allowlist import AllowList
-from reprokit._arrays import describe, rebuild
-from reprokit._encoding import decode_tree, encode_tree, pack_bytes, unpack_bytes
+from reprokit.archive._allowlist import AllowList
+from reprokit.portable._arrays import describe, rebuild
+from reprokit.record._encoding import decode_tree, encode_tree, pack_bytes, unpack_bytes
 
 
 def round_trip(value, allow=()):

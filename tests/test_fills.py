@@ -18,8 +18,8 @@ from conftest import run_json, run_python, run_reprokit
 from penzai import pz
 
 import reprokit
-from reprokit._arrays import check_descriptor, filled, repeated_element
-from reprokit._inspect import fill_statistics
+from reprokit.portable._arrays import check_descriptor, filled, repeated_element
+from reprokit.views._inspect import fill_statistics
 
 SIDE = 256  # 256 x 256 float32: 256 KiB, over the size from which fills are used
 

@@ -1,25 +1,25 @@
 """Fuzzing: a mutated archive ends in a clean ReprokitError or a correct load, nothing else.
 
 Hypothesis picks a real archive (packed here), a mutation from
-`reprokit._fuzz` (bit flips, truncation, member reordering, added, dropped,
+`fuzzer` (bit flips, truncation, member reordering, added, dropped,
 renamed or pickled members, manifest fields, structure nodes, array
 descriptors, byte edits behind fixed CRCs) and the mutation's random
 choices, then runs verify, inspect's reading and load on the result. A
 mutation of raw bytes that still loads must load the original record
 bitwise; a load must never succeed where verify refused. About 30 seconds;
-`python -m reprokit._fuzz --cases 10000` is the long run.
+`python tests/fuzzer.py --cases 10000` is the long run.
 """
 
 from __future__ import annotations
 
 import random
 
+import fuzzer as _fuzz
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import reprokit
-from reprokit import _fuzz
 
 
 class _Bases(dict):
@@ -98,7 +98,7 @@ def test_the_escape_watch_sees_what_loading_must_never_do(tmp_path, tmp_path_fac
     with watch.watching() as seen:
         import importlib
 
-        importlib.reload(importlib.import_module("reprokit._format"))
+        importlib.reload(importlib.import_module("reprokit.archive._format"))
     assert seen == []
 
 

@@ -22,7 +22,7 @@ from penzai import pz
 
 import reprokit
 from reprokit._cli import main
-from reprokit._inspect import array_statistics, walk_encoded
+from reprokit.views._inspect import array_statistics, walk_encoded
 
 CHROMIUM = "/usr/bin/chromium"
 
@@ -114,7 +114,7 @@ def test_prng_keys_are_shown_as_keys_without_statistics():
 
 
 def test_statistics_are_computed_in_chunks(monkeypatch):
-    from reprokit import _inspect
+    from reprokit.views import _inspect
 
     monkeypatch.setattr(_inspect, "_STATS_CHUNK", 7)
     values = np.arange(-50, 51, dtype=np.float64)

@@ -15,7 +15,7 @@ from penzai import pz
 
 import reprokit
 from reprokit._cli import main
-from reprokit._issue import GITHUB_ATTACHMENT_LIMIT, issue_path_for, issue_text
+from reprokit.views._issue import GITHUB_ATTACHMENT_LIMIT, issue_path_for, issue_text
 
 
 @pytest.fixture(scope="module")

@@ -148,7 +148,7 @@ assert jax.process_count() == 1 and jax.device_count() == 1
 out = {{}}
 for name, path in {paths!r}.items():
     loaded = reprokit.load(path)
-    verdict = reprokit._replay.replay_loaded(loaded)
+    verdict = reprokit.replaying._replay.replay_loaded(loaded)
     out[name] = dict(
         reproduced=verdict.reproduced,
         bitwise=verdict.details["output_bitwise_equal"],

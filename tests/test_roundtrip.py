@@ -12,7 +12,7 @@ import pytest
 from conftest import run_json, run_python, subprocess_env
 
 import reprokit
-from reprokit._capture import capture_calls, choose_call
+from reprokit.capture._capture import capture_calls, choose_call
 
 ALLOW = ("custom_layers",)
 

@@ -12,9 +12,9 @@ import json
 import pytest
 from conftest import run_python, run_reprokit, subprocess_env
 
-from reprokit._arrays import check_descriptor, check_sharding
 from reprokit._errors import UsageError
-from reprokit._sharding import MeshRequest, describe_topology, parse_mesh, recorded_meshes
+from reprokit.portable._arrays import check_descriptor, check_sharding
+from reprokit.replaying._sharding import MeshRequest, describe_topology, parse_mesh, recorded_meshes
 
 EIGHT = "--xla_force_host_platform_device_count=8"
 
@@ -116,7 +116,7 @@ def sharded_archives(tmp_path_factory):
         SHARDED_MODEL
         + f"""
 import json, numpy as np, reprokit
-from reprokit._arrays import describe, rebuild
+from reprokit.portable._arrays import describe, rebuild
 paths = {{}}
 for mode in ("eager", "jit"):
     path = {str(folder)!r} + f"/{{mode}}.repro.zip"
@@ -128,7 +128,7 @@ keys = jax.device_put(
     jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("model")),
 )
 desc, data = describe(keys)
-from reprokit._arrays import named_sharding
+from reprokit.portable._arrays import named_sharding
 back = rebuild(desc, np.frombuffer(data.tobytes(), np.uint8).copy(), named_sharding(desc["sharding"]))
 # Explicit axes (jax.make_mesh's default) are recorded and rebuilt as such.
 explicit_mesh = jax.make_mesh((2, 4), ("data", "model"))
@@ -178,7 +178,7 @@ import json, jax, reprokit
 out = {{}}
 for mode, path in {sharded_archives["paths"]!r}.items():
     loaded = reprokit.load(path)
-    verdict = reprokit._replay.replay_loaded(loaded)
+    verdict = reprokit.replaying._replay.replay_loaded(loaded)
     weights = loaded.record["submodel"].weights.value.data_array
     out[mode] = dict(
         reproduced=verdict.reproduced,

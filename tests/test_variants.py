@@ -115,11 +115,11 @@ reprokit.pack(pz.select(m).at_instances_of(pz.nn.Linear).pick_nth_selected(0), m
     assert packed.returncode == 0, packed.stderr[-2000:]
     check = f"""
 import json, reprokit
-from reprokit._environment import capture_environment, diff_environments
-recorded = reprokit._replay.open_archive({str(out)!r}).manifest["environment"]
+from reprokit.environment._environment import capture_environment, diff_environments
+recorded = reprokit.replaying._replay.open_archive({str(out)!r}).manifest["environment"]
 print(json.dumps([d.field for d in diff_environments(recorded, capture_environment())]))
 """
-    result = run_python("import reprokit._replay\n" + check)
+    result = run_python("import reprokit.replaying._replay\n" + check)
     assert result.returncode == 0, result.stderr[-2000:]
     import json
 

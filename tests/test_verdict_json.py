@@ -15,11 +15,11 @@ import jax.numpy as jnp
 import msgpack
 import numpy as np
 from conftest import run_python, run_reprokit
+from fuzzer import read_members, replace_member, write_members
 from penzai import pz
 
 import reprokit
-from reprokit._fuzz import read_members, replace_member, write_members
-from reprokit._verdict import compare_leaves, json_ready
+from reprokit.portable._verdict import compare_leaves, json_ready
 
 
 def _strict(text: str):

@@ -15,11 +15,11 @@ from pathlib import Path
 import msgpack
 import pytest
 from conftest import run_python, run_reprokit
+from fuzzer import read_members, replace_member, write_members
 
 import reprokit
 from reprokit import ArchiveError
-from reprokit._fuzz import read_members, replace_member, write_members
-from reprokit._verify import verify_archive
+from reprokit.archive._verify import verify_archive
 
 DATA = Path(__file__).resolve().parent / "data"
 V1 = DATA / "v1-linear.repro.zip"
@@ -128,7 +128,7 @@ def test_a_newer_format_says_upgrade(tmp_path):
 
 
 def test_limits_can_be_raised_from_the_api():
-    from reprokit._archive import Limits
+    from reprokit.archive._container import Limits
 
     with pytest.raises(ArchiveError, match="limit is 2"):
         verify_archive(V1, limits=Limits(max_members=2))

@@ -51,7 +51,7 @@ def test_wheel_ships_templates_and_renders_them(tmp_path):
     )
     assert install.returncode == 0, install.stderr[-2000:]
     code = """
-import json, reprokit, reprokit._script as script
+import json, reprokit, reprokit.views._script as script
 manifest = {"layer": {"type": "penzai.nn.linear_and_affine.Linear", "keypath": ".x"},
             "signature": {"kind": "output"}, "note": "", "call": {"index": 0, "count": 1},
             "mode": "eager", "arrays": {"count": 0, "bytes": 0}, "reprokit_version": "0",

@@ -18,8 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 import msgpack
-
-from reprokit._fuzz import PICKLE_PAYLOAD, Member, replace_member, write_members
+from fuzzer import PICKLE_PAYLOAD, Member, replace_member, write_members
 
 # What os.system would be asked to run, if anything ever called it; the
 # tests check that this file never appears.

@@ -33,8 +33,11 @@ def _listing(folder: str) -> list[str]:
 def main(jobs_path: str, results_path: str) -> None:
     from click.testing import CliRunner
 
+    # The fuzzer lives in tests/, beside this folder.
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from fuzzer import EscapeWatch
+
     from reprokit._cli import main as cli
-    from reprokit._fuzz import EscapeWatch
 
     with open(jobs_path) as file:
         jobs = json.load(file)

@@ -22,9 +22,9 @@ from pathlib import Path
 
 import corpus
 import pytest
+from fuzzer import read_members
 
-from reprokit._fuzz import read_members
-from reprokit._replay import available_memory
+from reprokit.replaying._replay import available_memory
 
 HERE = Path(__file__).resolve().parent
 

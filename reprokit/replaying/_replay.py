@@ -14,12 +14,14 @@ import json
 import os
 from typing import Any
 
-from reprokit import _bundle, _format, _multihost
-from reprokit._allowlist import AllowList
-from reprokit._archive import ArchiveReader, Limits
-from reprokit._encoding import decode_tree, unpack_bytes
 from reprokit._errors import ArchiveError, ReplayError
-from reprokit._verify import RECORD_PARTS, check_structure  # noqa: F401 (re-exported)
+from reprokit.archive import _format
+from reprokit.archive._allowlist import AllowList
+from reprokit.archive._container import ArchiveReader, Limits
+from reprokit.archive._verify import RECORD_PARTS, check_structure  # noqa: F401 (re-exported)
+from reprokit.capture import _multihost
+from reprokit.record import _bundle
+from reprokit.record._encoding import decode_tree, unpack_bytes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,7 +47,7 @@ class LoadedArchive:
     record: dict
     config_problems: tuple[str, ...]
     self_check: dict | None = None
-    # Where sharded arrays were placed (reprokit._sharding); None: nothing sharded.
+    # Where sharded arrays were placed (reprokit.replaying._sharding); None: nothing sharded.
     topology: dict | None = None
 
     @property
@@ -64,7 +66,7 @@ def open_archive(
 
     Every member but the arrays is read and CRC-checked here (arrays are
     checked as they are loaded, or here too with `verify_members`), and every
-    node of the structure is checked statically (`reprokit._verify`): names
+    node of the structure is checked statically (`reprokit.archive._verify`): names
     against the allow-list plus `allow_modules`, or, with `allow_modules`
     None (for `inspect`, which rebuilds nothing), only against what no
     `--allow-module` would admit.
@@ -147,7 +149,7 @@ def load(
     exists. Types are rebuilt only from reprokit's allow-list plus `allow_modules`,
     plus, with `trust_code`, the modules the archive bundles (`--bundle-code`).
     `mesh` places sharded arrays: "auto" (default), "recorded", "1", or
-    "AXIS=SIZE,..." (see `reprokit._sharding`).
+    "AXIS=SIZE,..." (see `reprokit.replaying._sharding`).
     """
     opened = open_archive(path, limits, allow_modules=tuple(allow_modules))
     try:
@@ -191,8 +193,8 @@ def _decode(
 ) -> LoadedArchive:
     import jax
 
-    from reprokit._arrays import filled, rebuild
-    from reprokit._environment import apply_jax_config
+    from reprokit.environment._environment import apply_jax_config
+    from reprokit.portable._arrays import filled, rebuild
 
     recorded = opened.manifest["environment"].get("jax_config", {})
     if isinstance(recorded, dict):
@@ -203,7 +205,7 @@ def _decode(
         jax.config.update(name, value)
     descriptors = opened.structure["arrays"]
     cache: dict[int, Any] = {}
-    from reprokit._sharding import Placement, parse_mesh
+    from reprokit.replaying._sharding import Placement, parse_mesh
 
     placement = Placement(descriptors, mesh)
     checkpoint = (
@@ -298,7 +300,7 @@ class Verdict:
     notes: tuple[str, ...]
     environment_differences: tuple
     reporter_self_check: dict | None = None
-    # Where sharded arrays were placed (see reprokit._sharding); None: nothing sharded.
+    # Where sharded arrays were placed (see reprokit.replaying._sharding); None: nothing sharded.
     topology: dict | None = None
 
     def as_dict(self) -> dict:
@@ -316,16 +318,16 @@ class Verdict:
         }
 
     def format(self) -> str:
-        from reprokit._environment import format_environment_table
-        from reprokit._selfcheck import reporter_line
-        from reprokit._verdict import format_verdict
+        from reprokit.capture._selfcheck import reporter_line
+        from reprokit.environment._environment import format_environment_table
+        from reprokit.portable._verdict import format_verdict
 
         layer = self.manifest["layer"]
         lines = [
             format_verdict(self.details),
             f"  layer: {layer['type']} at {layer['keypath']} (replayed {self.manifest['mode']})",
         ]
-        from reprokit._sharding import describe_topology
+        from reprokit.replaying._sharding import describe_topology
 
         topology = describe_topology(self.topology)
         if topology:
@@ -363,8 +365,8 @@ def replay(
 
 
 def recorded_outcome(loaded: LoadedArchive) -> dict:
-    """The outcome the reporter recorded, in the form `reprokit._verdict` compares."""
-    from reprokit._calling import outcome_from_call
+    """The outcome the reporter recorded, in the form `reprokit.portable._verdict` compares."""
+    from reprokit.portable._calling import outcome_from_call
 
     if loaded.manifest["signature"]["kind"] == "exception":
         return {"exception": loaded.manifest["signature"], "output": [], "state": []}
@@ -374,7 +376,7 @@ def recorded_outcome(loaded: LoadedArchive) -> dict:
 
 def replayed_outcome(loaded: LoadedArchive, mode: str | None = None, record: dict | None = None) -> dict:
     """Calls the rebuilt layer (in the recorded mode unless `mode` is given) and returns its outcome."""
-    from reprokit._calling import call_layer, exception_info, outcome_from_call
+    from reprokit.portable._calling import call_layer, exception_info, outcome_from_call
 
     record = record or loaded.record
     try:
@@ -394,12 +396,12 @@ def replayed_outcome(loaded: LoadedArchive, mode: str | None = None, record: dic
 
 def replay_loaded(loaded: LoadedArchive, *, stablehlo: bool = False) -> Verdict:
     """Calls the rebuilt layer in the recorded mode (or its StableHLO artifact) and judges the outcome."""
-    from reprokit._environment import capture_environment, diff_environments
-    from reprokit._verdict import judge
+    from reprokit.environment._environment import capture_environment, diff_environments
+    from reprokit.portable._verdict import judge
 
     manifest = loaded.manifest
     if stablehlo:
-        from reprokit._variants import stablehlo_outcome
+        from reprokit.replaying._variants import stablehlo_outcome
 
         replayed = stablehlo_outcome(loaded)
     else:

@@ -92,7 +92,7 @@ def prepare(parts: dict, allow_modules: tuple[str, ...]) -> Bundle:
     Raises:
       CaptureError: a needed class or helper cannot be bundled; the message says why.
     """
-    from reprokit import _encoding
+    from reprokit.record import _encoding
 
     aliases = main_aliases()
     encoded = [
@@ -154,7 +154,7 @@ def prepare(parts: dict, allow_modules: tuple[str, ...]) -> Bundle:
 
 def referenced_names(encoded: Any) -> dict[str, set[str]]:
     """module -> qualnames of the classes and functions an encoded tree names outside reprokit's defaults."""
-    from reprokit._allowlist import default_modules
+    from reprokit.archive._allowlist import default_modules
 
     found: dict[str, set[str]] = {}
     stack = [encoded]
@@ -340,7 +340,7 @@ def code_files(manifest: dict) -> list[dict]:
     section = manifest.get("code")
     if section is None:
         return []
-    from reprokit._allowlist import check_module_for_viewing
+    from reprokit.archive._allowlist import check_module_for_viewing
 
     if not isinstance(section, dict) or not isinstance(section.get("files"), list):
         raise ArchiveError("manifest.json has a malformed 'code' section")

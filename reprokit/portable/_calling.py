@@ -49,7 +49,7 @@ def exception_info(error: BaseException) -> dict:
 
 
 def outcome_from_call(output: Any, final_var_values: Any, exception: dict | None) -> dict:
-    """A call's outcome as `reprokit._verdict` compares it: numpy leaves by path."""
+    """A call's outcome as `reprokit.portable._verdict` compares it: numpy leaves by path."""
     if exception is not None:
         return {"exception": exception, "output": [], "state": []}
     state = []
@@ -61,7 +61,7 @@ def outcome_from_call(output: Any, final_var_values: Any, exception: dict | None
 def _leaves(tree: Any, prefix: str) -> list:
     import jax
 
-    from reprokit._verdict import leaf_as_numpy  # replay.py: same namespace
+    from reprokit.portable._verdict import leaf_as_numpy  # replay.py: same namespace
 
     flat, _ = jax.tree_util.tree_flatten_with_path(tree)
     return [(prefix + jax.tree_util.keystr(path), leaf_as_numpy(leaf)) for path, leaf in flat]

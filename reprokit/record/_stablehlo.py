@@ -123,7 +123,7 @@ def _parse_in_child(blob: bytes, meta: dict) -> None:
         with open(convention, "w") as file:
             json.dump(meta, file)
         try:
-            result = run_worker("reprokit._stablehlo", [module, convention], env=None, timeout=300)
+            result = run_worker("reprokit.record._stablehlo", [module, convention], env=None, timeout=300)
         except WorkerFailed as error:
             raise ArchiveError(f"the archive's StableHLO module failed to parse safely ({error})") from None
     if not result.get("ok"):
@@ -138,7 +138,7 @@ def rebuild_exported(blob: bytes, meta: dict, *, check_in_child: bool = True):
     """
     import jax
 
-    from reprokit._arrays import dtype_from_name
+    from reprokit.portable._arrays import dtype_from_name
 
     try:
         in_avals = tuple(_aval(a, dtype_from_name) for a in meta["in_avals"])

@@ -12,7 +12,7 @@ CRCs fixed so that the parsers behind the CRC check are reached), and runs
 
 Run it long with::
 
-    python -m reprokit._fuzz --cases 10000
+    python tests/fuzzer.py --cases 10000
 
 which prints one result line: counts of clean errors, correct loads,
 tracebacks (any other exception), hangs (a case over its time bound),
@@ -49,8 +49,8 @@ from typing import Any
 
 import msgpack
 
-from reprokit._environment import restored_jax_config  # noqa: F401  (tests use it from here)
 from reprokit._errors import ReprokitError
+from reprokit.environment._environment import restored_jax_config  # noqa: F401  (tests use it from here)
 
 __all__ = [
     "HOSTILE_NAMES",
@@ -687,9 +687,9 @@ def check_archive(path: str, original: tuple | None, *, replay: bool = False) ->
     (load worked where verify refused).
     """
     import reprokit
-    from reprokit._inspect import describe_archive
-    from reprokit._replay import open_archive
-    from reprokit._verify import verify_archive
+    from reprokit.archive._verify import verify_archive
+    from reprokit.replaying._replay import open_archive
+    from reprokit.views._inspect import describe_archive
 
     try:
         verify_archive(path)
@@ -724,7 +724,7 @@ def check_archive(path: str, original: tuple | None, *, replay: bool = False) ->
     if original is not None and fingerprint(loaded.record) != original:
         return "corruption", "a raw byte edit loaded as a different record"
     if replay:
-        from reprokit._replay import replay_loaded
+        from reprokit.replaying._replay import replay_loaded
 
         try:
             verdict = replay_loaded(loaded)
@@ -927,9 +927,9 @@ def result_line(counts: dict, cases: int, seed: int) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m reprokit._fuzz`: the long fuzz run; exit 0 when nothing but clean outcomes."""
+    """`python tests/fuzzer.py`: the long fuzz run; exit 0 when nothing but clean outcomes."""
     parser = argparse.ArgumentParser(
-        prog="python -m reprokit._fuzz", description=__doc__.split("\n")[0]
+        prog="python tests/fuzzer.py", description=__doc__.split("\n")[0]
     )
     parser.add_argument("--cases", type=int, default=10_000, help="how many mutated archives")
     parser.add_argument("--seed", type=int, default=0, help="random seed (a run is repeatable)")

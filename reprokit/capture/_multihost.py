@@ -19,7 +19,7 @@ sharded parameter is not fully addressable: no process holds all of it, so
 
 Replay never needs more than one process: tensorstore reads each array
 straight out of the zip (zarr -> ocdbt -> zip -> file), after the members'
-CRCs are checked, and `reprokit._sharding` places it on whatever topology
+CRCs are checked, and `reprokit.replaying._sharding` places it on whatever topology
 the maintainer has. `gather=True` (`--gather`) instead gathers every such
 array to all processes with `multihost_utils.process_allgather` and stores
 it as an ordinary member: simpler archives and no shared folder, but every
@@ -78,7 +78,7 @@ def nonfinite_on_devices(leaf: Any) -> dict[str, int]:
     import jax
     import jax.numpy as jnp
 
-    from reprokit._verdict import leaf_as_numpy, nonfinite_counts
+    from reprokit.portable._verdict import leaf_as_numpy, nonfinite_counts
 
     if _is_local(leaf):
         return nonfinite_counts(leaf_as_numpy(leaf))
@@ -105,7 +105,7 @@ def _output_counts(record: Any) -> list[tuple[str, dict[str, int]]]:
 
 def choose_call(capture: Any, call: int | None) -> tuple[Any, list]:
     """As `_capture.choose_call`, judging NaN/Inf on the devices; returns (record, output counts)."""
-    from reprokit._capture import choose_call as choose_local
+    from reprokit.capture._capture import choose_call as choose_local
 
     if call is not None:
         record = choose_local(capture, call)
@@ -119,7 +119,7 @@ def choose_call(capture: Any, call: int | None) -> tuple[Any, list]:
 
 def signature_of(record: Any, counts: list, kind: str | None) -> dict:
     """The recorded issue, as `_verdict.detect_signature` decides it, from device-side counts."""
-    from reprokit._verdict import detect_signature
+    from reprokit.portable._verdict import detect_signature
 
     try:
         if record.exception is not None:
@@ -136,7 +136,7 @@ def describe_global(value: Any) -> tuple[dict, Any]:
     """A descriptor for an array no process holds whole, and the jax array of its data."""
     import jax
 
-    from reprokit._arrays import sharding_descriptor
+    from reprokit.portable._arrays import sharding_descriptor
 
     if jax.dtypes.issubdtype(value.dtype, jax.dtypes.prng_key):
         data = jax.random.key_data(value)
@@ -158,8 +158,8 @@ def describe_global(value: Any) -> tuple[dict, Any]:
 
 def _unique_arrays(record: Any, allow: tuple[str, ...], aliases: dict | None) -> list:
     """The record's arrays in encoding order, each once (the same on every process)."""
-    from reprokit import _encoding
-    from reprokit._pack import _record_parts
+    from reprokit.capture._pack import _record_parts
+    from reprokit.record import _encoding
 
     seen: dict[int, Any] = {}
 
@@ -230,10 +230,10 @@ def pack_multiprocess(
     import jax
     from jax.experimental import multihost_utils
 
-    from reprokit import _bundle
-    from reprokit._arrays import describe
-    from reprokit._capture import capture_calls
-    from reprokit._pack import PackResult, write_archive
+    from reprokit.capture._capture import capture_calls
+    from reprokit.capture._pack import PackResult, write_archive
+    from reprokit.portable._arrays import describe
+    from reprokit.record import _bundle
 
     out = os.path.abspath(os.fspath(out))
     started = time.perf_counter()
@@ -325,7 +325,7 @@ def pack_multiprocess(
         if to_save:
             shutil.rmtree(directory, ignore_errors=True)
         _barrier("archive_written", ARCHIVE_BARRIER_TIMEOUT_S)
-    from reprokit._issue import write_issue_snippet
+    from reprokit.views._issue import write_issue_snippet
 
     return dataclasses.replace(result, issue_path=write_issue_snippet(result.path))
 
@@ -390,7 +390,7 @@ class CheckpointArrays:
         """The array's bytes as a flat uint8 buffer, checked against its descriptor."""
         import tensorstore as ts
 
-        from reprokit._arrays import dtype_from_name
+        from reprokit.portable._arrays import dtype_from_name
 
         if not self._verified:
             # tensorstore reads the members itself: check every CRC first.

@@ -8,7 +8,7 @@ every array is replaced by an index into a separate table of array
 descriptors whose bytes live in their own archive members.
 
 Decoding is the security boundary: it rebuilds classes and references
-callables only through `reprokit._allowlist.AllowList`, never runs a
+callables only through `reprokit.archive._allowlist.AllowList`, never runs a
 constructor's `__init__`, and bounds depth, string lengths and node counts.
 Nothing in the archive can choose which code runs.
 """
@@ -26,8 +26,8 @@ import ml_dtypes
 import msgpack
 import numpy as np
 
-from reprokit import _allowlist
 from reprokit._errors import ArchiveError, CaptureError, RefusedTypeError
+from reprokit.archive import _allowlist
 
 MAX_DEPTH = 200
 MAX_STRING = 1 << 20
@@ -295,7 +295,7 @@ class Decoder:
         return cls[node["name"]]
 
     def _scalar(self, node: dict, depth: int) -> Any:
-        from reprokit._arrays import dtype_from_name
+        from reprokit.portable._arrays import dtype_from_name
 
         dtype = dtype_from_name(node["dtype"])
         raw = node["v"]
@@ -333,7 +333,7 @@ def _np_type(decoder: Decoder, node: dict, depth: int) -> Any:
 
 
 def _dtype(decoder: Decoder, node: dict, depth: int) -> Any:
-    from reprokit._arrays import dtype_from_name
+    from reprokit.portable._arrays import dtype_from_name
 
     return dtype_from_name(node["name"])
 

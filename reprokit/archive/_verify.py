@@ -26,11 +26,11 @@ import dataclasses
 import os
 from typing import Any
 
-from reprokit import _format
-from reprokit._allowlist import AllowList, brief, check_name_for_viewing
-from reprokit._archive import Limits
-from reprokit._encoding import MAX_DEPTH, MAX_NODES, TAG
 from reprokit._errors import ArchiveError, RefusedTypeError
+from reprokit.archive import _format
+from reprokit.archive._allowlist import AllowList, brief, check_name_for_viewing
+from reprokit.archive._container import Limits
+from reprokit.record._encoding import MAX_DEPTH, MAX_NODES, TAG
 
 __all__ = ["VerifyReport", "check_structure", "verify_archive"]
 
@@ -114,7 +114,7 @@ def _check_record_tree(
     root: Any, array_count: int, rules: _NameRules, referenced: set[int]
 ) -> None:
     """Walks one encoded record iteratively (no recursion: depth is data)."""
-    from reprokit._arrays import dtype_from_name
+    from reprokit.portable._arrays import dtype_from_name
 
     stack: list[tuple[Any, int]] = [(root, 0)]
     nodes = 0
@@ -265,7 +265,7 @@ def check_structure(
     Raises:
         ArchiveError: naming the first problem (`RefusedTypeError` for names).
     """
-    from reprokit._arrays import check_descriptor
+    from reprokit.portable._arrays import check_descriptor
 
     if not isinstance(structure, dict) or set(structure) != {"record", "arrays"}:
         raise ArchiveError("structure.msgpack does not hold a record and an array table")
@@ -373,7 +373,7 @@ def verify_archive(
     Raises:
         ArchiveError: the archive is invalid or names something refused.
     """
-    from reprokit._replay import open_archive
+    from reprokit.replaying._replay import open_archive
 
     opened = open_archive(path, limits, allow_modules=tuple(allow_modules), verify_members=True)
     try:

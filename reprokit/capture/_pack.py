@@ -15,17 +15,19 @@ import json
 import os
 from typing import Any
 
-from reprokit import _allowlist, _encoding, _format, _redact
-from reprokit._archive import ArchiveWriter
-from reprokit._arrays import describe, repeated_element
-from reprokit._capture import CallRecord, capture_calls, choose_call
-from reprokit._environment import capture_environment, scrub_text
 from reprokit._errors import CaptureError, UsageError
-from reprokit._issue import GITHUB_ATTACHMENT_LIMIT, write_issue_snippet
 from reprokit._progress import progress
-from reprokit._selfcheck import describe as describe_self_check
-from reprokit._selfcheck import self_check
-from reprokit._verdict import SIGNATURE_KINDS, detect_signature
+from reprokit.archive import _allowlist, _format
+from reprokit.archive._container import ArchiveWriter
+from reprokit.capture import _redact
+from reprokit.capture._capture import CallRecord, capture_calls, choose_call
+from reprokit.capture._selfcheck import describe as describe_self_check
+from reprokit.capture._selfcheck import self_check
+from reprokit.environment._environment import capture_environment, scrub_text
+from reprokit.portable._arrays import describe, repeated_element
+from reprokit.portable._verdict import SIGNATURE_KINDS, detect_signature
+from reprokit.record import _encoding
+from reprokit.views._issue import GITHUB_ATTACHMENT_LIMIT, write_issue_snippet
 
 _PROGRESS_BYTES = 256 * 2**20  # smaller archives are written before a bar would be read
 # Below this, a repeated-element array is stored as it is: a few bytes saved
@@ -159,7 +161,7 @@ def pack(
         removed afterwards); default: the folder of `out`.
 
     Several jax processes (`jax.process_count() > 1`): call `pack` on every
-    process; process 0 writes the archive (see `reprokit._multihost`).
+    process; process 0 writes the archive (see `reprokit.capture._multihost`).
 
     Returns:
       A `PackResult` describing the archive.
@@ -181,7 +183,7 @@ def pack(
                 "redact, max_size and compress are not supported when packing from several "
                 "processes"
             )
-        from reprokit._multihost import pack_multiprocess
+        from reprokit.capture._multihost import pack_multiprocess
 
         return pack_multiprocess(
             selection,
@@ -284,7 +286,7 @@ def write_archive(
     `extra_manifest` adds JSON fields to the manifest (e.g. how the layer was
     found); they must not collide with the format's own fields. `redact`,
     `max_size`, `bundle_code` and `compress` are described in `pack`. For multi-process
-    captures (`reprokit._multihost`): `signature_info` is the recorded issue
+    captures (`reprokit.capture._multihost`): `signature_info` is the recorded issue
     decided without reading the outputs, `describe_array(value)` returns an
     array's (descriptor, payload or None), and `extra_members` are added as
     (name, bytes).
@@ -297,7 +299,7 @@ def write_archive(
     allow = tuple(allow_modules)
     bundle = None
     if bundle_code:
-        from reprokit import _bundle
+        from reprokit.record import _bundle
 
         bundle = _bundle.prepare(_record_parts(record), allow)
         allow += tuple(m for m in bundle.modules if m not in allow)
@@ -358,7 +360,7 @@ def write_archive(
         manifest["code"] = bundle.section
     stablehlo = None
     if record.exception is None:
-        from reprokit import _stablehlo
+        from reprokit.record import _stablehlo
 
         stablehlo, manifest["stablehlo"] = _stablehlo.export_layer(_record_parts(record))
     for key, value in (extra_manifest or {}).items():
@@ -495,7 +497,7 @@ def _write(
     `extra_members` (bundled code, a multi-process checkpoint) are added as
     (name, bytes); `trust_code` lets the self-check import bundled code.
     """
-    from reprokit import _script
+    from reprokit.views import _script
 
     structure = _encoding.pack_bytes(tree)
     with ArchiveWriter(out) as writer:

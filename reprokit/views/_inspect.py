@@ -21,8 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from reprokit import _format
-from reprokit._encoding import TAG
+from reprokit.archive import _format
+from reprokit.record._encoding import TAG
 
 _MAX_OUTLINE_LINES = 400
 
@@ -103,7 +103,7 @@ def describe_archive(
     manifest: dict, structure: dict, sha256: str, statistics: list[dict] | None = None
 ) -> str:
     """The text `reprokit inspect` prints; `statistics` (from `archive_statistics`) adds a table."""
-    from reprokit._environment import format_environment_summary
+    from reprokit.environment._environment import format_environment_summary
 
     layer, call = manifest["layer"], manifest["call"]
     lines = [
@@ -122,7 +122,8 @@ def describe_archive(
             + ", ".join(manifest["modules"])
             + " (replay with --allow-module for each, only if you trust them)"
         )
-    from reprokit import _bundle, _sharding
+    from reprokit.record import _bundle
+    from reprokit.replaying import _sharding
 
     lines += _bundle.describe(manifest)
     for mesh in _sharding.recorded_meshes(structure["arrays"]):
@@ -242,7 +243,7 @@ def array_statistics(desc: dict, raw: np.ndarray) -> dict:
     arrays they are over magnitudes. PRNG key arrays get no statistics: their
     bits are not numbers.
     """
-    from reprokit._arrays import dtype_from_name
+    from reprokit.portable._arrays import dtype_from_name
 
     if desc["kind"] == "key":
         return {
@@ -335,7 +336,7 @@ def fill_statistics(desc: dict) -> dict:
     The row also says which fill ("zeros" or "repeat"): such an array has no
     payload, and an all-NaN one is often the very thing a report is about.
     """
-    from reprokit._arrays import dtype_from_name, filled
+    from reprokit.portable._arrays import dtype_from_name, filled
 
     size = math.prod(desc["shape"])
     if desc["kind"] == "key" or size == 0:
@@ -504,7 +505,7 @@ def write_html(
     import hashlib
 
     from reprokit._errors import UsageError
-    from reprokit._replay import load
+    from reprokit.replaying._replay import load
 
     loaded = load(
         archive, allow_modules=tuple(allow_modules), limits=limits, trust_code=trust_code
@@ -532,7 +533,7 @@ def write_html(
 
 def describe_environment(env: dict) -> str:
     """The text `reprokit env` prints: the summary, then every recorded field."""
-    from reprokit._environment import format_environment_summary
+    from reprokit.environment._environment import format_environment_summary
 
     lines = [format_environment_summary(env), "", "packages:"]
     packages = env.get("packages") or {}

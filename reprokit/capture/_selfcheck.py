@@ -44,7 +44,7 @@ def self_check(
     env["JAX_ENABLE_COMPILATION_CACHE"] = "false"
     started = time.perf_counter()
     try:
-        result = run_worker("reprokit._selfcheck", args, env=env, timeout=timeout)
+        result = run_worker("reprokit.capture._selfcheck", args, env=env, timeout=timeout)
     except WorkerFailed as error:
         return {"ran": False, "error": f"the replay failed: {error}"}
     elapsed = time.perf_counter() - started
@@ -88,8 +88,8 @@ def _main(argv: list[str]) -> int:
     path, *rest = argv
     allow = tuple(rest[i + 1] for i, arg in enumerate(rest) if arg == "--allow-module")
     trust_code = "--trust-code" in rest
-    from reprokit._replay import load, recorded_outcome, replay_loaded, replayed_outcome
-    from reprokit._verdict import json_ready, judge
+    from reprokit.portable._verdict import json_ready, judge
+    from reprokit.replaying._replay import load, recorded_outcome, replay_loaded, replayed_outcome
 
     try:
         loaded = load(path, allow_modules=allow, trust_code=trust_code)

@@ -17,8 +17,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from reprokit import _format
-from reprokit._encoding import TAG
+from reprokit.archive import _format
+from reprokit.record._encoding import TAG
 
 # GitHub's limit for non-image attachments is "25 MB"; decimal megabytes are
 # the stricter reading, so no archive that GitHub refuses goes unwarned.
@@ -37,7 +37,7 @@ def issue_path_for(archive: str | os.PathLike) -> str:
 
 
 def _array_text(desc: dict) -> str:
-    from reprokit._inspect import key_shape
+    from reprokit.views._inspect import key_shape
 
     if desc["kind"] == "key":
         shape = ",".join(str(s) for s in key_shape(desc))
@@ -68,7 +68,7 @@ def _named_array_text(node: dict, arrays: list[dict]) -> str | None:
 
 def input_descriptions(structure: dict) -> list[str]:
     """One line per array in the call's argument and side inputs: path and shape."""
-    from reprokit._inspect import walk_encoded
+    from reprokit.views._inspect import walk_encoded
 
     arrays = structure["arrays"]
     lines: list[str] = []
@@ -97,7 +97,7 @@ def input_descriptions(structure: dict) -> list[str]:
 
 def environment_rows(env: dict) -> list[tuple[str, str]]:
     """The reporter's environment as (name, value) rows for a Markdown table."""
-    from reprokit._environment import _NUMERICS_DEFAULTS
+    from reprokit.environment._environment import _NUMERICS_DEFAULTS
 
     packages = env.get("packages") or {}
     backend = env.get("backend") or {}
@@ -161,7 +161,7 @@ def render_issue(
     manifest: dict, structure: dict, *, archive_name: str, archive_size: int, sha256: str
 ) -> str:
     """The Markdown snippet for an archive, from its manifest and encoded structure."""
-    from reprokit import _script
+    from reprokit.views import _script
 
     return _script.render_issue_text(
         manifest=manifest,
@@ -189,11 +189,11 @@ def issue_text(
 
     Returns a dict with `markdown`, `archive`, `size`, `sha256` and
     `too_large` (over GitHub's attachment limit). Reads no array payloads and
-    imports no jax. `limits` (an `reprokit._archive.Limits`) bounds what the
+    imports no jax. `limits` (an `reprokit.archive._container.Limits`) bounds what the
     archive may hold, as for `reprokit run`. Archives larger than `hash_limit`
     get no sha256 (None), which `reprokit issue` and `verify` print on demand.
     """
-    from reprokit._replay import open_archive
+    from reprokit.replaying._replay import open_archive
 
     opened = open_archive(archive, limits)
     try:

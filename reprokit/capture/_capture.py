@@ -7,7 +7,7 @@ inputs and state-variable values *before* calling it, then records either
 the output and final state or the exception. Every call is kept; choosing
 which one to pack is a separate, explicit step.
 
-The capturer calls the layer through `reprokit._calling.call_layer`, the
+The capturer calls the layer through `reprokit.portable._calling.call_layer`, the
 same function replay uses, so the recorded output is exactly what replay
 computes in the recorded mode.
 """
@@ -24,9 +24,9 @@ import jax
 from penzai import pz
 from penzai.toolshed.jit_wrapper import Jitted
 
-from reprokit._calling import MODES, call_layer, exception_info, outcome_from_call
 from reprokit._errors import CaptureError, ReprokitError, UsageError
-from reprokit._verdict import nonfinite_counts
+from reprokit.portable._calling import MODES, call_layer, exception_info, outcome_from_call
+from reprokit.portable._verdict import nonfinite_counts
 
 _TRACEBACK_FRAMES = 8
 

@@ -19,8 +19,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-from reprokit import _format
-from reprokit._encoding import TAG
+from reprokit.archive import _format
+from reprokit.record._encoding import TAG
 
 _EMBEDDED_MODULES = ("_arrays.py", "_verdict.py", "_calling.py")
 _INDENT = "    "
@@ -29,7 +29,7 @@ _INLINE_WIDTH = 88
 
 def templates_dir() -> Path:
     """Where the jinja2 templates are: inside the installed package, or the source checkout."""
-    package = Path(__file__).resolve().parent
+    package = Path(__file__).resolve().parents[1]
     for candidate in (package / "templates", package.parent / "templates"):
         if (candidate / "replay.py.j2").is_file():
             return candidate
@@ -56,19 +56,19 @@ def _environment():
 
 
 def _embedded_source(filename: str) -> str:
-    text = (Path(__file__).resolve().parent / filename).read_text()
+    text = (Path(__file__).resolve().parents[1] / "portable" / filename).read_text()
     lines = [
         line
         for line in text.splitlines()
         if not line.startswith("from __future__")
         and not line.rstrip().endswith("# replay.py: same namespace")
     ]
-    return f"# ---- embedded from reprokit/{filename} ----\n" + "\n".join(lines).strip() + "\n"
+    return f"# ---- embedded from reprokit/portable/{filename} ----\n" + "\n".join(lines).strip() + "\n"
 
 
 def render_replay_script(manifest: dict, tree: dict) -> str:
     """The standalone replay script for an archive's manifest and encoded structure."""
-    from reprokit._environment import restorable_config_items
+    from reprokit.environment._environment import restorable_config_items
 
     writer = _PythonWriter(tree["arrays"])
     parts = {name: writer.expression(node, 1) for name, node in tree["record"].items()}
@@ -90,7 +90,7 @@ def render_replay_script(manifest: dict, tree: dict) -> str:
 
 def render_readme(manifest: dict) -> str:
     """The archive's README.md: what was recorded and how to replay it."""
-    from reprokit._environment import format_environment_summary
+    from reprokit.environment._environment import format_environment_summary
 
     return (
         _environment()
@@ -103,7 +103,7 @@ def render_readme(manifest: dict) -> str:
 
 
 def render_issue_text(**context: Any) -> str:
-    """The GitHub issue snippet (templates/issue.md.j2); `reprokit._issue` builds the context."""
+    """The GitHub issue snippet (templates/issue.md.j2); `reprokit.views._issue` builds the context."""
     return _environment().get_template("issue.md.j2").render(**context)
 
 

@@ -3,7 +3,7 @@
 A reporter's parameters may be sharded over 8 GPUs or a TPU pod; the
 maintainer replays on a laptop. Each array descriptor may record its
 `NamedSharding` (mesh shape, axis names and types, partition spec, device
-count: see `reprokit._arrays.check_sharding`), and replay decides once, for
+count: see `reprokit.portable._arrays.check_sharding`), and replay decides once, for
 the whole archive, where arrays go:
 
 * `auto` (the default): the recorded meshes when this machine has enough
@@ -198,7 +198,7 @@ class Placement:
         if recorded is None or self._used == "single":
             return None
         if self._used == "recorded":
-            from reprokit._arrays import named_sharding
+            from reprokit.portable._arrays import named_sharding
 
             key = _mesh_key(recorded) + (tuple(map(str, recorded["spec"])),)
             if key not in self._cache:

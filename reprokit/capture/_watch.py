@@ -17,7 +17,7 @@ The root wrapper, which runs in Python between steps, keeps references to
 the step's inputs and state values (jax arrays are immutable, so nothing is
 copied), reads those two integers after the step (the one device sync),
 and on a trip replays the step from exactly those values on a detached
-copy of the model, locates or captures the layer (`reprokit._find`) and
+copy of the model, locates or captures the layer (`reprokit.capture._find`) and
 writes the archive. The user's variables are never touched by the replay.
 
 Under the user's own `jax.jit` the root is traced, so it cannot read a
@@ -41,9 +41,9 @@ import numpy as np
 from penzai import pz
 from penzai.toolshed.jit_wrapper import Jitted
 
-from reprokit._capture import capture_calls, selected_layer
 from reprokit._errors import ReprokitError, UsageError
-from reprokit._find import (
+from reprokit.capture._capture import capture_calls, selected_layer
+from reprokit.capture._find import (
     FindResult,
     _array_leaves,
     _is_inexact,

@@ -8,7 +8,7 @@ recorded XLA flags, and as bare StableHLO points at framework, compiler,
 precision or hardware. Each condition is measured, never assumed.
 
 Conditions that need a fresh process (x64, XLA flags, StableHLO) run as
-workers (`python -m reprokit._variants`) in parallel with the in-process ones,
+workers (`python -m reprokit.replaying._variants`) in parallel with the in-process ones,
 so a sweep keeps both cores busy.
 """
 
@@ -52,7 +52,7 @@ class VariantRow:
 def _judge_row(
     condition: str, signature: dict, recorded: dict, replayed: dict, started: float, note: str = ""
 ):
-    from reprokit._verdict import judge
+    from reprokit.portable._verdict import judge
 
     replayed = _cast_like(recorded, replayed)
     verdict = judge(signature, recorded, replayed)
@@ -106,7 +106,7 @@ def upcast_record(record: dict) -> dict:
 def _in_process(loaded, condition: str, *, mode=None, precision=None, device=None):
     import jax
 
-    from reprokit._replay import recorded_outcome, replayed_outcome
+    from reprokit.replaying._replay import recorded_outcome, replayed_outcome
 
     started = time.perf_counter()
     with contextlib.ExitStack() as stack:
@@ -150,7 +150,7 @@ def _worker_env(variant: str, loaded) -> dict[str, str] | None:
     if variant == "xla-flags-none":
         env["XLA_FLAGS"] = ""
     elif variant == "xla-flags-recorded":
-        from reprokit._environment import check_xla_flags, replayable_xla_flags
+        from reprokit.environment._environment import check_xla_flags, replayable_xla_flags
 
         flags, _ = replayable_xla_flags(loaded.manifest["environment"].get("xla_flags") or [])
         accepted, _ = check_xla_flags(flags)
@@ -176,7 +176,7 @@ def _run_worker(path: str, variant: str, condition: str, options: list[str], env
     started = time.perf_counter()
     args = [str(path), variant, *options]
     try:
-        row = run_worker("reprokit._variants", args, env=env, timeout=_WORKER_TIMEOUT_S)
+        row = run_worker("reprokit.replaying._variants", args, env=env, timeout=_WORKER_TIMEOUT_S)
     except WorkerFailed as error:
         return VariantRow(
             condition=condition, ran=False, note=f"worker failed: {error}", started=started
@@ -186,10 +186,10 @@ def _run_worker(path: str, variant: str, condition: str, options: list[str], env
 
 
 def _worker_main(argv: list[str]) -> int:
-    """`python -m reprokit._variants ARCHIVE VARIANT [--allow-module M]...`: one row as JSON."""
+    """`python -m reprokit.replaying._variants ARCHIVE VARIANT [--allow-module M]...`: one row as JSON."""
     path, variant, *rest = argv
     options = _parse_worker_options(rest)
-    from reprokit._replay import load, recorded_outcome, replayed_outcome
+    from reprokit.replaying._replay import load, recorded_outcome, replayed_outcome
 
     started = time.perf_counter()
     try:
@@ -230,9 +230,10 @@ def _worker_main(argv: list[str]) -> int:
 
 def stablehlo_outcome(loaded) -> dict:
     """Runs the archive's StableHLO artifact on the record's arrays and returns its outcome."""
-    from reprokit import _format, _stablehlo
-    from reprokit._archive import ArchiveReader
-    from reprokit._calling import exception_info, outcome_from_call
+    from reprokit.archive import _format
+    from reprokit.archive._container import ArchiveReader
+    from reprokit.portable._calling import exception_info, outcome_from_call
+    from reprokit.record import _stablehlo
 
     meta = loaded.manifest.get("stablehlo")
     if not isinstance(meta, dict) or "error" in meta or not meta:
@@ -339,8 +340,8 @@ def repeat(loaded, times: int) -> dict:
     """Replays `times` times, with a fresh compile each time, and reports bitwise stability."""
     import jax
 
-    from reprokit import _calling
-    from reprokit._replay import replayed_outcome
+    from reprokit.portable import _calling
+    from reprokit.replaying._replay import replayed_outcome
 
     if times < 2:
         raise UsageError("--repeat needs at least 2 runs")
@@ -401,8 +402,8 @@ def _scalar(value) -> Any:
 
 def reference(path: str, loaded, kind: str, allow_modules=(), trust_code: bool = False) -> dict:
     """Errors of the recorded and the replayed output against a reference computation."""
-    from reprokit._replay import recorded_outcome, replayed_outcome
-    from reprokit._verdict import compare_leaves
+    from reprokit.portable._verdict import compare_leaves
+    from reprokit.replaying._replay import recorded_outcome, replayed_outcome
 
     if kind not in REFERENCES:
         raise UsageError(f"--reference must be one of {', '.join(REFERENCES)}, not {kind!r}")
@@ -456,7 +457,7 @@ def _float64_reference(path: str, options: list[str]) -> dict:
         command = [
             sys.executable,
             "-m",
-            "reprokit._variants",
+            "reprokit.replaying._variants",
             str(path),
             "x64-outputs",
             target,
@@ -496,7 +497,7 @@ def format_reference(report: dict) -> str:
 
 
 def _x64_outputs_main(path: str, target: str, options: dict) -> int:
-    from reprokit._replay import load, replayed_outcome
+    from reprokit.replaying._replay import load, replayed_outcome
 
     loaded = load(path, **options, config_overrides={"jax_enable_x64": True})
     outcome = replayed_outcome(loaded, record=upcast_record(loaded.record))

@@ -200,7 +200,7 @@ def _check_details(manifest: dict) -> None:
             stack.extend((item, depth + 1) for item in value)
         elif isinstance(value, str) and _TERMINAL_CONTROLS.search(value):
             raise ArchiveError("manifest.json holds a control character (a terminal escape?)")
-    from reprokit._allowlist import brief, check_module_for_viewing
+    from reprokit.archive._allowlist import brief, check_module_for_viewing
 
     for module in manifest["modules"]:
         check_module_for_viewing(module)

@@ -50,11 +50,11 @@ import numpy as np
 from penzai import pz
 from penzai.toolshed.jit_wrapper import Jitted
 
-from reprokit._calling import exception_info
-from reprokit._capture import CallRecord, capture_calls
-from reprokit._environment import scrub_text
 from reprokit._errors import CaptureError, ReprokitError, UsageError
-from reprokit._verdict import nonfinite_counts
+from reprokit.capture._capture import CallRecord, capture_calls
+from reprokit.environment._environment import scrub_text
+from reprokit.portable._calling import exception_info
+from reprokit.portable._verdict import nonfinite_counts
 
 CHECKS = ("nonfinite", "exception", "mismatch")
 FIND_MODES = ("eager", "jit")
@@ -1134,7 +1134,7 @@ def ship(tree: Any, receive: Any, *, when: Any = None) -> None:
 
 
 def _rebuild_and_receive(receive, treedef, kinds, *arrays) -> None:
-    from reprokit._arrays import _as_weak_type
+    from reprokit.portable._arrays import _as_weak_type
 
     values = iter(arrays)
     leaves = []
@@ -1255,8 +1255,8 @@ def pack_found(
     `options` are `write_archive`'s (note, signature, allow_modules, check,
     redact, max_size, bundle_code, compress).
     """
-    from reprokit._issue import write_issue_snippet
-    from reprokit._pack import write_archive
+    from reprokit.capture._pack import write_archive
+    from reprokit.views._issue import write_issue_snippet
 
     out = os.fspath(out)
     if not out.endswith(".zip"):

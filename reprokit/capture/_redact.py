@@ -27,8 +27,8 @@ from typing import Any
 
 import numpy as np
 
-from reprokit._archive import Limits
 from reprokit._errors import CaptureError, UsageError
+from reprokit.archive._container import Limits
 
 TARGETS = ("params", "inputs")
 KINDS = ("random", "zeros", "shapes")
@@ -88,7 +88,7 @@ def stand_in(leaf: Any, kind: str, rng: np.random.Generator) -> Any:
         new = rng.normal(mean, std, size=values.shape).astype(values.dtype)
     array = jax.device_put(new)
     if leaf.weak_type:
-        from reprokit._arrays import _as_weak_type
+        from reprokit.portable._arrays import _as_weak_type
 
         array = _as_weak_type(array)
     return array
@@ -121,7 +121,7 @@ def _with_params(submodel: Any, kind: str, keep: set, seed: int) -> Any:
 
 def _recall(record, mode: str, **changes):
     """The record with some parts replaced and its outcome recomputed by calling the layer."""
-    from reprokit._calling import call_layer, exception_info
+    from reprokit.portable._calling import call_layer, exception_info
 
     new = dataclasses.replace(record, output=None, final_var_values=None, exception=None, **changes)
     try:
@@ -135,7 +135,7 @@ def _recall(record, mode: str, **changes):
 
 def still_reproduces(signature: dict, record) -> bool | None:
     """Whether `record` still shows the recorded issue (None for `output`, which has no test)."""
-    from reprokit._verdict import detect_signature
+    from reprokit.portable._verdict import detect_signature
 
     if signature["kind"] == "output":
         return None
