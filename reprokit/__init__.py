@@ -28,12 +28,16 @@ from reprokit._errors import (
 )
 
 if TYPE_CHECKING:
+    from reprokit.bisecting._bisect import BisectResult, BisectRow, bisect
     from reprokit.capture._find import FindResult, find, search
     from reprokit.capture._pack import PackResult, pack
     from reprokit.capture._watch import FaultDetected, Watched, watch
     from reprokit.replaying._replay import LoadedArchive, Verdict, load, replay
 
 _LAZY = {
+    "bisect": "reprokit.bisecting._bisect",
+    "BisectResult": "reprokit.bisecting._bisect",
+    "BisectRow": "reprokit.bisecting._bisect",
     "find": "reprokit.capture._find",
     "search": "reprokit.capture._find",
     "FindResult": "reprokit.capture._find",
@@ -50,6 +54,8 @@ _LAZY = {
 
 __all__ = [
     "ArchiveError",
+    "BisectResult",
+    "BisectRow",
     "CaptureError",
     "FaultDetected",
     "FindResult",
@@ -61,6 +67,7 @@ __all__ = [
     "UsageError",
     "Verdict",
     "Watched",
+    "bisect",
     "find",
     "load",
     "pack",

@@ -700,6 +700,85 @@ def _with_notes(verdict, notes):
     return dataclasses.replace(verdict, notes=tuple(notes) + verdict.notes)
 
 
+# ------------------------------------------------------------------ bisect
+
+BISECT_EXIT_CODES_HELP = f"""\b
+Exit codes (bisect):
+  {EXIT_REPRODUCED}  conclusive: the change point was found, or nothing changed in the range
+  {EXIT_NOT_REPRODUCED}  inconclusive: the change lies among releases that could not be replayed,
+     or (--all) the outcome changed more than once
+  {EXIT_USAGE}  usage error: bad option, package or version list
+  {EXIT_INVALID_ARCHIVE}  invalid, corrupted or refused archive (nothing was run)
+  {EXIT_REPLAY_FAILED}  no release could be replayed, uv is missing, or the index is unreachable"""
+
+
+@main.command(epilog=BISECT_EXIT_CODES_HELP)
+@click.argument("archive", type=click.Path(dir_okay=False))
+@click.option(
+    "--package",
+    type=click.Choice(["jax", "penzai", "numpy", "ml_dtypes"]),
+    default="jax",
+    show_default=True,
+    help="The package whose releases are bisected (for jax, jaxlib is pinned alongside).",
+)
+@click.option(
+    "--versions",
+    default=None,
+    metavar="RANGE|LIST",
+    help="0.4.35..latest, 0.4.35..0.6.0, 0.5.0.. or a list 0.4.35,0.5.0,0.6.0 "
+    "[default: from the release recorded in ARCHIVE to the latest].",
+)
+@click.option("--all", "exhaustive", is_flag=True, help="Replay every release instead of bisecting.")
+@click.option("--python", default=None, metavar="VERSION", help="Python for the environments, e.g. 3.11 [default: this one].")
+@click.option("--index-url", default=None, metavar="URL", help="Package index [default: pip's configured index].")
+@click.option("--offline", is_flag=True, help="Use only packages uv has cached (no network).")
+@_json_option
+@_trust_code_option
+@_quiet_option
+@_limits_options
+@_debug_option
+def bisect(
+    archive, package, versions, exhaustive, python, index_url, offline, as_json, trust_code, quiet, debug
+):
+    """Find the release of jax (or penzai, numpy, ml_dtypes) where ARCHIVE's issue changed.
+
+    Replays ARCHIVE in one throwaway environment per release (built with uv,
+    cached under ~/.cache/reprokit/bisect): the release pinned, the other
+    packages the newest compatible. Both ends of the range are replayed first,
+    then releases between them by binary search, assuming the outcome changes
+    at most once. The replay script is rendered from the verified record by
+    this reprokit; the archive's own replay.py never runs. A release that cannot
+    be installed, imported or made to rebuild the layer is shown as "cannot
+    replay" and skipped.
+
+    \b
+    Examples:
+      reprokit bisect bug.repro.zip --versions 0.4.35..latest
+      reprokit bisect bug.repro.zip --versions 0.5.0,0.6.0,0.7.0 --all
+      reprokit bisect bug.repro.zip --package penzai --json
+    """
+    with _reported_errors(debug, EXIT_INVALID_ARCHIVE):
+        _check_output_options(as_json, quiet)
+        from reprokit.bisecting._bisect import bisect as run_bisect
+
+        result = run_bisect(
+            archive,
+            package=package,
+            versions=versions,
+            exhaustive=exhaustive,
+            python=python,
+            index_url=index_url,
+            offline=offline,
+            limits=_limits(),
+            trust_code=trust_code,
+        )
+        if as_json:
+            _echo_measured_json(result.as_dict())
+        elif not quiet:
+            click.echo(result.format())
+        sys.exit(result.exit_code)
+
+
 # ------------------------------------------------------------------ inspect
 
 
