@@ -1,4 +1,4 @@
-"""Tests for reprokit.environment._environment: privacy of the snapshot, config replay, diffs.
+"""Tests for reprokit.environment._snapshot: privacy of the snapshot, config replay, diffs.
 
 Anything that changes jax's global config or XLA_FLAGS runs in a fresh
 interpreter, so this process keeps jax's defaults for the other tests.
@@ -21,7 +21,7 @@ import jax
 import pytest
 
 from reprokit._errors import ReplayError
-from reprokit.environment._environment import (
+from reprokit.environment._snapshot import (
     ABSENT,
     PATH_PLACEHOLDER,
     capture_environment,
@@ -102,7 +102,7 @@ def test_capture_in_subprocess_leaks_nothing(tmp_path: Path) -> None:
     out = _run_python(
         """
         import json
-        from reprokit.environment._environment import capture_environment
+        from reprokit.environment._snapshot import capture_environment
         print(json.dumps(capture_environment()))
         """,
         env=env,
@@ -205,7 +205,7 @@ def test_apply_jax_config_round_trip_in_fresh_processes() -> None:
         import json
         import jax
         from jax._src.config import ExplicitX64Mode
-        from reprokit.environment._environment import jax_config_snapshot
+        from reprokit.environment._snapshot import jax_config_snapshot
         jax.config.update("jax_enable_x64", True)
         jax.config.update("jax_default_matmul_precision", "highest")
         jax.config.update("jax_explicit_x64_dtypes", ExplicitX64Mode.ALLOW)
@@ -226,7 +226,7 @@ def test_apply_jax_config_round_trip_in_fresh_processes() -> None:
         import json, sys
         import jax
         import jax.numpy as jnp
-        from reprokit.environment._environment import apply_jax_config
+        from reprokit.environment._snapshot import apply_jax_config
         problems = apply_jax_config(json.load(sys.stdin))
         values = jax.config.values
         mode = values["jax_explicit_x64_dtypes"]
