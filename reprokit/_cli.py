@@ -537,7 +537,7 @@ def _put_recorded_xla_flags(path: str) -> list[str]:
     current = os.environ.get("XLA_FLAGS", "").split()
     if not flags or flags == current:
         return []
-    from reprokit.environment._snapshot import check_xla_flags, replayable_xla_flags
+    from reprokit.environment._config import check_xla_flags, replayable_xla_flags
 
     flags, machine_specific = replayable_xla_flags(flags)
     accepted, rejected = check_xla_flags(flags)
@@ -875,11 +875,8 @@ def env(diff_archive, as_json, quiet, debug):
     """
     with _reported_errors(debug, EXIT_INVALID_ARCHIVE if diff_archive else EXIT_USAGE):
         _check_output_options(as_json, quiet)
-        from reprokit.environment._snapshot import (
-            capture_environment,
-            diff_environments,
-            format_environment_table,
-        )
+        from reprokit.environment._diff import diff_environments, format_environment_table
+        from reprokit.environment._snapshot import capture_environment
         from reprokit.views._inspect import describe_environment
 
         recorded = None

@@ -23,7 +23,7 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING
 
-from reprokit.environment._snapshot import restored_jax_config
+from reprokit.environment._config import restored_jax_config
 
 if TYPE_CHECKING:
     from reprokit.replaying._replay import Verdict

@@ -50,7 +50,7 @@ from typing import Any
 import msgpack
 
 from reprokit._errors import ReprokitError
-from reprokit.environment._snapshot import restored_jax_config  # noqa: F401  (tests use it from here)
+from reprokit.environment._config import restored_jax_config  # noqa: F401  (tests use it from here)
 
 __all__ = [
     "HOSTILE_NAMES",

@@ -1,4 +1,4 @@
-"""Tests for reprokit.environment._snapshot: privacy of the snapshot, config replay, diffs.
+"""Tests for reprokit.environment (and portable._jax_config): privacy of the snapshot, config replay, diffs.
 
 Anything that changes jax's global config or XLA_FLAGS runs in a fresh
 interpreter, so this process keeps jax's defaults for the other tests.
@@ -21,19 +21,16 @@ import jax
 import pytest
 
 from reprokit._errors import ReplayError
-from reprokit.environment._snapshot import (
+from reprokit.environment._config import check_xla_flags, replayable_xla_flags
+from reprokit.environment._diff import (
     ABSENT,
-    PATH_PLACEHOLDER,
-    capture_environment,
-    check_xla_flags,
     diff_environments,
     format_environment_summary,
     format_environment_table,
-    jax_config_snapshot,
-    replayable_xla_flags,
-    restorable_config_items,
-    scrub_text,
 )
+from reprokit.environment._scrub import scrub_text
+from reprokit.environment._snapshot import capture_environment, jax_config_snapshot
+from reprokit.portable._jax_config import PATH_PLACEHOLDER, restorable_config_items
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 VALID_FLAG = "--xla_cpu_enable_fast_math=false"
@@ -226,7 +223,7 @@ def test_apply_jax_config_round_trip_in_fresh_processes() -> None:
         import json, sys
         import jax
         import jax.numpy as jnp
-        from reprokit.environment._snapshot import apply_jax_config
+        from reprokit.portable._jax_config import apply_jax_config
         problems = apply_jax_config(json.load(sys.stdin))
         values = jax.config.values
         mode = values["jax_explicit_x64_dtypes"]

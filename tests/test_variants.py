@@ -115,7 +115,8 @@ reprokit.pack(pz.select(m).at_instances_of(pz.nn.Linear).pick_nth_selected(0), m
     assert packed.returncode == 0, packed.stderr[-2000:]
     check = f"""
 import json, reprokit
-from reprokit.environment._snapshot import capture_environment, diff_environments
+from reprokit.environment._diff import diff_environments
+from reprokit.environment._snapshot import capture_environment
 recorded = reprokit.replaying._replay.open_archive({str(out)!r}).manifest["environment"]
 print(json.dumps([d.field for d in diff_environments(recorded, capture_environment())]))
 """

@@ -52,7 +52,7 @@ from penzai.toolshed.jit_wrapper import Jitted
 
 from reprokit._errors import CaptureError, ReprokitError, UsageError
 from reprokit.capture._capture import CallRecord, capture_calls
-from reprokit.environment._snapshot import scrub_text
+from reprokit.environment._scrub import scrub_text
 from reprokit.portable._calling import exception_info
 from reprokit.portable._verdict import nonfinite_counts
 

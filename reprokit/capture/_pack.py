@@ -23,7 +23,8 @@ from reprokit.capture import _redact
 from reprokit.capture._capture import CallRecord, capture_calls, choose_call
 from reprokit.capture._selfcheck import describe as describe_self_check
 from reprokit.capture._selfcheck import self_check
-from reprokit.environment._snapshot import capture_environment, scrub_text
+from reprokit.environment._scrub import scrub_text
+from reprokit.environment._snapshot import capture_environment
 from reprokit.portable._arrays import describe, repeated_element
 from reprokit.portable._verdict import SIGNATURE_KINDS, detect_signature
 from reprokit.record import _encoding

@@ -193,8 +193,8 @@ def _decode(
 ) -> LoadedArchive:
     import jax
 
-    from reprokit.environment._snapshot import apply_jax_config
     from reprokit.portable._arrays import filled, rebuild
+    from reprokit.portable._jax_config import apply_jax_config
 
     recorded = opened.manifest["environment"].get("jax_config", {})
     if isinstance(recorded, dict):
@@ -319,7 +319,7 @@ class Verdict:
 
     def format(self) -> str:
         from reprokit.capture._selfcheck import reporter_line
-        from reprokit.environment._snapshot import format_environment_table
+        from reprokit.environment._diff import format_environment_table
         from reprokit.portable._verdict import format_verdict
 
         layer = self.manifest["layer"]
@@ -396,7 +396,8 @@ def replayed_outcome(loaded: LoadedArchive, mode: str | None = None, record: dic
 
 def replay_loaded(loaded: LoadedArchive, *, stablehlo: bool = False) -> Verdict:
     """Calls the rebuilt layer in the recorded mode (or its StableHLO artifact) and judges the outcome."""
-    from reprokit.environment._snapshot import capture_environment, diff_environments
+    from reprokit.environment._diff import diff_environments
+    from reprokit.environment._snapshot import capture_environment
     from reprokit.portable._verdict import judge
 
     manifest = loaded.manifest

@@ -150,7 +150,7 @@ def _worker_env(variant: str, loaded) -> dict[str, str] | None:
     if variant == "xla-flags-none":
         env["XLA_FLAGS"] = ""
     elif variant == "xla-flags-recorded":
-        from reprokit.environment._snapshot import check_xla_flags, replayable_xla_flags
+        from reprokit.environment._config import check_xla_flags, replayable_xla_flags
 
         flags, _ = replayable_xla_flags(loaded.manifest["environment"].get("xla_flags") or [])
         accepted, _ = check_xla_flags(flags)

@@ -103,7 +103,7 @@ def describe_archive(
     manifest: dict, structure: dict, sha256: str, statistics: list[dict] | None = None
 ) -> str:
     """The text `reprokit inspect` prints; `statistics` (from `archive_statistics`) adds a table."""
-    from reprokit.environment._snapshot import format_environment_summary
+    from reprokit.environment._diff import format_environment_summary
 
     layer, call = manifest["layer"], manifest["call"]
     lines = [
@@ -533,7 +533,7 @@ def write_html(
 
 def describe_environment(env: dict) -> str:
     """The text `reprokit env` prints: the summary, then every recorded field."""
-    from reprokit.environment._snapshot import format_environment_summary
+    from reprokit.environment._diff import format_environment_summary
 
     lines = [format_environment_summary(env), "", "packages:"]
     packages = env.get("packages") or {}

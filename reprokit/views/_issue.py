@@ -97,7 +97,7 @@ def input_descriptions(structure: dict) -> list[str]:
 
 def environment_rows(env: dict) -> list[tuple[str, str]]:
     """The reporter's environment as (name, value) rows for a Markdown table."""
-    from reprokit.environment._snapshot import _NUMERICS_DEFAULTS
+    from reprokit.environment._diff import _NUMERICS_DEFAULTS
 
     packages = env.get("packages") or {}
     backend = env.get("backend") or {}

@@ -68,7 +68,7 @@ def _embedded_source(filename: str) -> str:
 
 def render_replay_script(manifest: dict, tree: dict) -> str:
     """The standalone replay script for an archive's manifest and encoded structure."""
-    from reprokit.environment._snapshot import restorable_config_items
+    from reprokit.portable._jax_config import restorable_config_items
 
     writer = _PythonWriter(tree["arrays"])
     parts = {name: writer.expression(node, 1) for name, node in tree["record"].items()}
@@ -90,7 +90,7 @@ def render_replay_script(manifest: dict, tree: dict) -> str:
 
 def render_readme(manifest: dict) -> str:
     """The archive's README.md: what was recorded and how to replay it."""
-    from reprokit.environment._snapshot import format_environment_summary
+    from reprokit.environment._diff import format_environment_summary
 
     return (
         _environment()
