@@ -22,7 +22,7 @@ from typing import Any
 from reprokit.archive import _format
 from reprokit.record._encoding import TAG
 
-_EMBEDDED_MODULES = ("_arrays.py", "_verdict.py", "_calling.py")
+_EMBEDDED_MODULES = ("_arrays.py", "_verdict.py", "_calling.py", "_jax_config.py")
 _INDENT = "    "
 _INLINE_WIDTH = 88
 
@@ -68,8 +68,6 @@ def _embedded_source(filename: str) -> str:
 
 def render_replay_script(manifest: dict, tree: dict) -> str:
     """The standalone replay script for an archive's manifest and encoded structure."""
-    from reprokit.portable._jax_config import restorable_config_items
-
     writer = _PythonWriter(tree["arrays"])
     parts = {name: writer.expression(node, 1) for name, node in tree["record"].items()}
     return (
@@ -79,13 +77,24 @@ def render_replay_script(manifest: dict, tree: dict) -> str:
             manifest=manifest,
             signature=manifest["signature"],
             mode=manifest["mode"],
-            jax_config=restorable_config_items(manifest["environment"].get("jax_config", {})),
+            jax_config=_replayed_config(manifest["environment"].get("jax_config", {})),
             arrays=tree["arrays"],
             parts=parts,
             imports=sorted(writer.imports),
             embedded=[_embedded_source(name) for name in _EMBEDDED_MODULES],
         )
     )
+
+
+def _replayed_config(recorded: dict) -> dict:
+    """The recorded jax config `replay.py` carries: what `apply_jax_config` applies or reports.
+
+    Machine settings are left out (never applied, never reported); the script
+    hands the rest to the embedded `apply_jax_config`, as `reprokit run` does.
+    """
+    from reprokit.portable._jax_config import restorable_config_items, unreviewed_config_items
+
+    return {**restorable_config_items(recorded), **unreviewed_config_items(recorded)}
 
 
 def render_readme(manifest: dict) -> str:
