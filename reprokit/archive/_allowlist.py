@@ -11,22 +11,17 @@ which classes may be rebuilt and which callables may be referenced:
   `jax.numpy`, `jax.lax`, ...) minus anything that touches files or calls
   back into Python, plus functions of the maintainer's named modules.
 
-A name is resolved by importing only an allowed module, then taking one
-attribute path inside it, and the object found must declare itself to live
-exactly at that name (`__module__`/`__qualname__`): attribute walks such as
-`numpy.os.system` or `relu.__globals__` therefore fail.
+The rules here import nothing (this is the archive layer: `verify` applies
+them to a stranger's archive without loading jax). Resolving a name that
+passed them into the live object is `reprokit.record._names`' job.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import enum
-import importlib
 import sys
-import types
-from collections.abc import Iterable
 
-from reprokit._errors import CaptureError, RefusedTypeError
+from reprokit._errors import RefusedTypeError
 
 # Packages whose classes may be rebuilt (by module prefix).
 TYPE_MODULE_PREFIXES = (
@@ -35,11 +30,62 @@ TYPE_MODULE_PREFIXES = (
     "penzai.models.",
     "penzai.toolshed.jit_wrapper",
     "penzai.toolshed.isolate_submodel",
+    # penzai's Flax bridge: InterceptedFlaxModuleMethod, InterceptedFlaxScopeData,
+    # ArgsAndKwargs, FlaxVarLabel (importing it needs flax: `reprokit[flax]`).
+    "penzai.toolshed.unflaxify",
+)
+
+# The reviewed Flax section. Flax is trusted by name, never by module:
+# `flax.training.checkpoints`, `flax.serialization` and friends read and write
+# files, so no prefix of flax is open. These `flax.linen` layer classes are
+# rebuilt field by field like any dataclass, without running their
+# `__init__`/`__post_init__` (see `reprokit.record._flax`); each holds only
+# numbers, dtypes, initializers and the functions below.
+FLAX_TYPES = frozenset(
+    f"flax.linen.{module}:{name}"
+    for module, names in {
+        "linear": ("Dense", "DenseGeneral", "Conv", "ConvTranspose", "ConvLocal", "Embed",
+                   "Einsum"),
+        "normalization": ("LayerNorm", "RMSNorm", "GroupNorm", "BatchNorm", "InstanceNorm"),
+        "stochastic": ("Dropout",),
+        "attention": ("MultiHeadDotProductAttention", "MultiHeadAttention", "SelfAttention"),
+        "combinators": ("Sequential",),
+        "activation": ("PReLU",),
+    }.items()
+    for name in names
+)
+
+# Flax functions a reviewed layer class holds as a field (pure array code).
+FLAX_CALLABLES = frozenset(
+    {
+        "flax.linen.dtypes:promote_dtype",
+        "flax.linen.dtypes:canonicalize_dtype",
+        "flax.linen.attention:dot_product_attention",
+        "flax.linen.attention:dot_product_attention_weights",
+    }
+)
+
+# Initializer factories of `jax.nn.initializers`: an initializer such as
+# `lecun_normal()` is a closure, which has no name; the archive records the
+# factory and its arguments instead, and the loader calls the factory again.
+# Each of these only builds a closure over its (plain-data) arguments.
+INITIALIZER_FACTORIES = frozenset(
+    f"jax.nn.initializers:{name}"
+    for name in (
+        "constant",
+        "uniform",
+        "normal",
+        "truncated_normal",
+        "variance_scaling",
+        "orthogonal",
+        "delta_orthogonal",
+    )
 )
 
 # Namespaces whose public functions may be referenced (e.g. `Elementwise.fn`).
 CALLABLE_NAMESPACES = (
     "jax.nn",
+    "jax.nn.initializers",
     "jax.numpy",
     "jax.lax",
     "jax.scipy.special",
@@ -121,28 +167,10 @@ _NEVER_USER_ROOTS = frozenset(sys.stdlib_module_names) | {
     "msgpack",
     "click",
     "jinja2",
+    # Flax layer classes are allowed one by one (FLAX_TYPES): --allow-module
+    # flax would open flax.serialization and flax.training.checkpoints.
+    "flax",
 }
-
-_CALLABLE_TYPES: tuple[type, ...] = (
-    types.FunctionType,
-    types.BuiltinFunctionType,
-)
-
-
-def _jax_callable_types() -> tuple[type, ...]:
-    import jax
-    import numpy as np
-
-    return (
-        _CALLABLE_TYPES
-        + (
-            type(jax.nn.relu),  # custom_jvp
-            type(jax.nn.silu),  # jitted function
-            np.ufunc,
-        )
-        + tuple({type(jax.numpy.sin), type(jax.numpy.negative), type(jax.custom_vjp(lambda x: x))})
-    )
-
 
 def is_public_module(name: str) -> bool:
     return all(part.isidentifier() and not part.startswith("_") for part in name.split("."))
@@ -166,11 +194,15 @@ class AllowList:
                     "jax, numpy, reprokit or general-purpose packages such as pip or yaml"
                 )
 
-    def _in_extra(self, module: str) -> bool:
+    def allows_module(self, module: str) -> bool:
+        """Whether the maintainer named `module` (or a package above it) with --allow-module."""
         return any(module == m or module.startswith(m + ".") for m in self.extra_modules)
 
+    def type_allowed(self, name: str, module: str) -> bool:
+        return name in FLAX_TYPES or self.type_module_allowed(module)
+
     def type_module_allowed(self, module: str) -> bool:
-        return self._in_extra(module) or (
+        return self.allows_module(module) or (
             is_public_module(module)
             # "penzai.toolshed.jit_wrapper" must not also admit "...jit_wrapper2".
             and any(
@@ -188,49 +220,24 @@ class AllowList:
         runs it before importing anything.
         """
         module, qualname = _split(name)
-        if not self.type_module_allowed(module):
-            raise RefusedTypeError(_refusal(name, "type", module))
+        if not self.type_allowed(name, module):
+            raise RefusedTypeError(refusal(name, "type", module))
         return module, qualname
 
     def check_callable_name(self, name: str) -> tuple[str, str]:
         """Checks a function name by the rules alone, importing nothing; returns (module, qualname)."""
         module, qualname = _split(name)
-        if not _in_callable_namespace(name, module, qualname) and not self._in_extra(module):
-            raise RefusedTypeError(_refusal(name, "function", module))
+        if not _in_callable_namespace(name, module, qualname) and not self.allows_module(module):
+            raise RefusedTypeError(refusal(name, "function", module))
         return module, qualname
-
-    def resolve_type(self, name: str) -> type:
-        """The class called `module:qualname`, if this loader allows rebuilding it."""
-        module, qualname = self.check_type_name(name)
-        obj = _lookup(module, qualname, name)
-        if not isinstance(obj, type):
-            raise RefusedTypeError(f"archive names {name!r} as a type, but it is not a class")
-        if not (dataclasses.is_dataclass(obj) or issubclass(obj, enum.Enum)):
-            raise RefusedTypeError(f"archive names {name!r}, which is not a dataclass or enum")
-        return obj
-
-    def resolve_callable(self, name: str):
-        """The function called `module:qualname`, if this loader allows referencing it."""
-        module, qualname = self.check_callable_name(name)
-        if module in CALLABLE_NAMESPACES:
-            obj = getattr(_import(module, name), qualname, None)
-            if obj is None or not isinstance(obj, _jax_callable_types()):
-                raise RefusedTypeError(
-                    f"archive references {name!r}, which is not a known function"
-                )
-            return obj
-        if self._in_extra(module):
-            obj = _lookup(module, qualname, name)
-            if not isinstance(obj, _jax_callable_types()):
-                raise RefusedTypeError(f"archive references {name!r}, which is not a function")
-            return obj
-        raise RefusedTypeError(_refusal(name, "function", module))
 
 
 def _in_callable_namespace(name: str, module: str, qualname: str) -> bool:
     """True for a public function of jax's numeric namespaces; raises for denied or private ones."""
     if name in DENIED_CALLABLES:
         raise RefusedTypeError(f"archive references {name!r}, which reprokit never calls")
+    if name in FLAX_CALLABLES:
+        return True
     if module not in CALLABLE_NAMESPACES:
         return False
     if "." in qualname or qualname.startswith("_"):
@@ -265,7 +272,7 @@ def check_name_for_viewing(name: str, kind: str) -> None:
     if kind == "function":
         if _in_callable_namespace(name, module, qualname):
             return
-    elif AllowList().type_module_allowed(module):
+    elif AllowList().type_allowed(name, module):
         return
     if module.split(".")[0] in _NEVER_USER_ROOTS or not is_public_module(module):
         raise RefusedTypeError(
@@ -306,7 +313,8 @@ def _split(name: str) -> tuple[str, str]:
     return module, qualname
 
 
-def _refusal(name: str, what: str, module: str) -> str:
+def refusal(name: str, what: str, module: str) -> str:
+    """The one-line refusal for a name outside the allow-list, with --allow-module advice where safe."""
     root = module.split(".")[0]
     # Never advise --allow-module for the standard library or reprokit's own
     # dependencies: an archive naming os:system must not get that advice printed.
@@ -318,109 +326,11 @@ def _refusal(name: str, what: str, module: str) -> str:
     )
 
 
-def _import(module: str, name: str):
-    try:
-        return importlib.import_module(module)
-    except ImportError as error:
-        raise RefusedTypeError(
-            f"cannot import module {module!r} needed for {name!r}: {error}"
-        ) from None
-
-
-def _lookup(module: str, qualname: str, name: str):
-    obj = _import(module, name)
-    for part in qualname.split("."):
-        obj = getattr(obj, part, None)
-        if obj is None:
-            raise RefusedTypeError(f"module {module!r} has no {qualname!r}")
-    if getattr(obj, "__module__", None) != module or getattr(obj, "__qualname__", None) != qualname:
-        raise RefusedTypeError(f"{name!r} is an alias of another object; refused")
-    return obj
-
-
-# ---------------------------------------------------------------- naming (pack side)
-
-_callable_names: dict[int, str] | None = None
-
-
-def _callable_name_table() -> dict[int, str]:
-    global _callable_names
-    if _callable_names is None:
-        table: dict[int, str] = {}
-        kinds = _jax_callable_types()
-        for namespace in CALLABLE_NAMESPACES:
-            module = importlib.import_module(namespace)
-            for attr, value in vars(module).items():
-                name = f"{namespace}:{attr}"
-                if attr.startswith("_") or name in DENIED_CALLABLES or not isinstance(value, kinds):
-                    continue
-                table.setdefault(id(value), name)
-        _callable_names = table
-    return _callable_names
-
-
-def name_of_type(cls: type, where: str, aliases: dict[str, str] | None = None) -> str:
-    """The `module:qualname` under which a class can be rebuilt, or a CaptureError saying why not.
-
-    `aliases` renames modules: with `--bundle-code`, a script's `__main__`
-    becomes the module its extracted source is bundled as.
-    """
-    module, qualname = cls.__module__, cls.__qualname__
-    module = (aliases or {}).get(module, module)
-    _refuse_local(module, qualname, f"class {qualname}", where)
-    return f"{module}:{qualname}"
-
-
-def name_of_callable(
-    fn, where: str, extra_modules: Iterable[str] = (), aliases: dict[str, str] | None = None
-) -> str:
-    """The name under which a callable can be referenced, or a CaptureError saying why not."""
-    known = _callable_name_table().get(id(fn))
-    if known is not None:
-        return known
-    module = getattr(fn, "__module__", None) or "?"
-    qualname = getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or repr(fn)
-    _refuse_local((aliases or {}).get(module, module), qualname, f"function {qualname}", where)
-    if not isinstance(fn, _jax_callable_types()):
-        raise CaptureError(
-            f"{where} holds {fn!r}, which reprokit cannot save; use a plain function defined at "
-            "module level (or functools.partial of one)"
-        )
-    owner = sys.modules.get(module)
-    if owner is None or _get_path(owner, qualname) is not fn:
-        raise CaptureError(
-            f"{where} holds {module}.{qualname}, which cannot be found again by that name; "
-            "define it at module level under its own name"
-        )
-    return f"{(aliases or {}).get(module, module)}:{qualname}"
-
-
-def _get_path(obj, qualname: str):
-    for part in qualname.split("."):
-        obj = getattr(obj, part, None)
-    return obj
-
-
-def _refuse_local(module: str, qualname: str, what: str, where: str) -> None:
-    if "<lambda>" in qualname:
-        raise CaptureError(
-            f"{where} holds a lambda, which cannot be rebuilt safely; replace it with a function "
-            "defined at module level in an importable module"
-        )
-    if "<locals>" in qualname:
-        raise CaptureError(
-            f"{where} holds {what}, defined inside another function (a closure); define it at "
-            "module level in an importable module"
-        )
-    if module == "__main__" or module.startswith("__reprokit_target"):
-        raise CaptureError(
-            f"{where} holds {what}, defined in the script being run (__main__), which a "
-            "maintainer cannot import; pack with --bundle-code (bundle_code=True) to ship its "
-            "source, or move it into an importable module and pass --allow-module MODULE when replaying"
-        )
-
-
 def default_modules(name: str) -> bool:
     """Whether a `module:qualname` lives in a package the loader trusts without being told."""
     module = name.split(":")[0]
-    return AllowList().type_module_allowed(module) or module in CALLABLE_NAMESPACES
+    return (
+        AllowList().type_allowed(name, module)
+        or module in CALLABLE_NAMESPACES
+        or name in FLAX_CALLABLES
+    )

@@ -531,10 +531,13 @@ class ArchiveWriter:
             if padding:
                 extra += _EXTRA_HEADER.pack(_EXTRA_ALIGNMENT, padding - 4)
                 extra += _U16.pack(ALIGNMENT) + bytes(padding - _ALIGNMENT_RECORD_MIN)
+        # The central record needs ZIP64 for an offset past the threshold too,
+        # and both headers must name the same version (one reading of the zip).
+        needs_zip64 = zip64 or self._offset >= self._zip64_threshold
         return (
             _LOCAL.pack(
                 _SIG_LOCAL,
-                _VERSION_ZIP64 if zip64 else _VERSION_DEFAULT,
+                _VERSION_ZIP64 if needs_zip64 else _VERSION_DEFAULT,
                 _flags(name),
                 method,
                 _DOS_TIME,
@@ -675,6 +678,10 @@ class _Member:
     size: int
     header_offset: int
     data_offset: int = -1
+    # Fields the local header must repeat exactly (one reading of the zip).
+    needed: int = 0
+    time: int = 0
+    date: int = 0
 
 
 class ArchiveReader:
@@ -985,9 +992,23 @@ class ArchiveReader:
                 )
             raise ArchiveError("not a zip archive")
         eocd_offset = tail_start + position
-        (_, disk, cd_disk, disk_count, count, cd_size, cd_offset, _) = _EOCD.unpack_from(
-            tail, position
+        (_, disk, cd_disk, disk_count, count, cd_size, cd_offset, comment_length) = (
+            _EOCD.unpack_from(tail, position)
         )
+        # One reading of the file (SECURITY.md, class 1): zipfile, unzip and
+        # this reader all find the end record by scanning from the end, so a
+        # comment, or a signature inside the end record itself, can hand
+        # each of them a different directory.
+        if comment_length:
+            raise ArchiveError(
+                "archive has a comment after its end record, which reprokit never writes "
+                "(it can hide a second directory that other zip readers would use)"
+            )
+        if tail.find(signature, position + 1) >= 0:
+            raise ArchiveError(
+                "archive's end record holds a second end-record signature "
+                "(zip readers could disagree on where the archive ends)"
+            )
 
         overflowed = _MAX16 in (disk, cd_disk, disk_count, count) or _MAX32 in (cd_size, cd_offset)
         locator_offset = eocd_offset - _LOCATOR64.size
@@ -996,10 +1017,11 @@ class ArchiveReader:
             len(locator) == _LOCATOR64.size and _U32.unpack_from(locator)[0] == _SIG_LOCATOR64
         )
         cd_end = eocd_offset
-        # Some writers (zipfile among them) add ZIP64 end records for offsets
-        # between 2 and 4 GiB without overflowing a field, so the locator also
-        # counts when the classic fields do not add up.
-        if overflowed or (has_locator and cd_offset + cd_size != eocd_offset):
+        # zipfile (and unzip) take a locator signature right before the end
+        # record as a ZIP64 locator whatever the classic fields say, so a
+        # locator is always followed here too: the last bytes of a directory
+        # cannot pose as one for some readers and not for others.
+        if overflowed or has_locator:
             if not has_locator:
                 raise ArchiveError("archive is truncated or corrupted (ZIP64 locator missing)")
             _, locator_disk, eocd64_offset, total_disks = _LOCATOR64.unpack(locator)
@@ -1020,7 +1042,11 @@ class ArchiveReader:
                 cd_size64,
                 cd_offset64,
             ) = _EOCD64.unpack(record)
-            if sig != _SIG_EOCD64 or eocd64_offset + 12 + record_size != locator_offset:
+            if (
+                sig != _SIG_EOCD64
+                or record_size != _EOCD64.size - 12
+                or eocd64_offset + 12 + record_size != locator_offset
+            ):
                 raise ArchiveError("archive is corrupted (bad ZIP64 end record)")
             pairs = [
                 (disk, disk64, _MAX16),
@@ -1058,11 +1084,11 @@ class ArchiveReader:
             (
                 signature,
                 _made_by,
-                _needed,
+                needed,
                 flags,
                 method,
-                _time,
-                _date,
+                time,
+                date,
                 crc,
                 compressed_size,
                 size,
@@ -1070,7 +1096,7 @@ class ArchiveReader:
                 extra_length,
                 comment_length,
                 disk,
-                _internal,
+                internal,
                 external,
                 header_offset,
             ) = _CENTRAL.unpack_from(directory, position)
@@ -1114,12 +1140,14 @@ class ArchiveReader:
                     f"member {shown} uses compression method {method}; "
                     f"only stored (0) and deflate (8) are supported"
                 )
+            _check_canonical_entry(shown, raw_name, flags, comment_length, internal, mode)
 
-            if _MAX32 in (size, compressed_size, header_offset) or disk == _MAX16:
-                extra = directory[extra_start : extra_start + extra_length]
-                size, compressed_size, header_offset, disk = _apply_zip64(
-                    extra, size, compressed_size, header_offset, disk, shown
-                )
+            extras = _parse_extra(
+                directory[extra_start : extra_start + extra_length], shown, _CENTRAL_EXTRAS
+            )
+            size, compressed_size, header_offset, disk = _apply_zip64(
+                extras.get(_EXTRA_ZIP64), size, compressed_size, header_offset, disk, shown
+            )
             if disk != 0:
                 raise ArchiveError("archive spans multiple disks, which is not supported")
             if method == _STORED and compressed_size != size:
@@ -1142,7 +1170,17 @@ class ArchiveReader:
                     f"(the limit; raise it only for an archive you trust)"
                 )
             members[name] = _Member(
-                name, raw_name, method, flags, crc, compressed_size, size, header_offset
+                name,
+                raw_name,
+                method,
+                flags,
+                crc,
+                compressed_size,
+                size,
+                header_offset,
+                needed=needed,
+                time=time,
+                date=date,
             )
         if position != len(directory):
             raise ArchiveError(
@@ -1181,16 +1219,31 @@ class ArchiveReader:
                     f"member {shown} overlaps member {_show(previous.name)} "
                     f"(a likely zip bomb or tampering)"
                 )
-            header = self._pread(member.header_offset, header_length)
-            if len(header) != header_length:
+            if member.header_offset != previous_end:
+                # Bytes no member owns are invisible to every reader, and a
+                # place to hide a second archive (SECURITY.md, class 1).
+                where = (
+                    "before the first member (prepended data)"
+                    if previous is None
+                    else f"between member {_show(previous.name)} and member {shown}"
+                )
+                raise ArchiveError(
+                    f"archive has {member.header_offset - previous_end} bytes {where} "
+                    f"that belong to no member"
+                )
+            # The header, its name and (usually) its extra field in one read.
+            header = self._pread(
+                member.header_offset, min(header_length + 256, cd_offset - member.header_offset)
+            )
+            if len(header) < header_length:
                 raise ArchiveError(f"member {shown} is truncated (local header cut short)")
             (
                 signature,
-                _needed,
+                needed,
                 flags,
                 method,
-                _time,
-                _date,
+                time,
+                date,
                 crc,
                 compressed_size,
                 size,
@@ -1199,7 +1252,10 @@ class ArchiveReader:
             ) = _LOCAL.unpack_from(header)
             if signature != _SIG_LOCAL:
                 raise ArchiveError(f"member {shown} is corrupted (bad local header signature)")
-            if name_length != len(member.raw_name) or header[_LOCAL.size :] != member.raw_name:
+            if (
+                name_length != len(member.raw_name)
+                or header[_LOCAL.size : header_length] != member.raw_name
+            ):
                 raise ArchiveError(
                     f"member {shown} is corrupted (its local header names another file)"
                 )
@@ -1210,14 +1266,34 @@ class ArchiveReader:
                     f"member {shown} is corrupted (local header and central directory "
                     f"disagree on compression)"
                 )
-            if not flags & _FLAG_DATA_DESCRIPTOR and (
-                crc != member.crc
-                or compressed_size not in (member.compressed_size, _MAX32)
-                or size not in (member.size, _MAX32)
+            if header_length + extra_length > cd_offset - member.header_offset:
+                raise ArchiveError(
+                    f"member {shown} is corrupted (its local header lies outside the data area)"
+                )
+            extra = header[header_length : header_length + extra_length]
+            if len(extra) < extra_length:
+                extra = self._pread(member.header_offset + header_length, extra_length)
+            extras = _parse_extra(extra, shown, _LOCAL_EXTRAS)
+            _check_alignment_record(extras.get(_EXTRA_ALIGNMENT), shown)
+            zip64 = extras.get(_EXTRA_ZIP64)
+            if zip64 is not None:
+                if (compressed_size, size) != (_MAX32, _MAX32) or len(zip64) != 16:
+                    raise ArchiveError(
+                        f"member {shown} is corrupted (malformed ZIP64 field in its local header)"
+                    )
+                size, compressed_size = struct.unpack("<QQ", zip64)
+            if (needed, flags, time, date, crc, compressed_size, size) != (
+                member.needed,
+                member.flags,
+                member.time,
+                member.date,
+                member.crc,
+                member.compressed_size,
+                member.size,
             ):
                 raise ArchiveError(
                     f"member {shown} is corrupted (local header and central directory "
-                    f"disagree on its size or CRC)"
+                    f"disagree on its size, CRC, flags, version or time)"
                 )
             data_offset = member.header_offset + header_length + extra_length
             data_end = data_offset + member.compressed_size
@@ -1227,8 +1303,25 @@ class ArchiveReader:
                 )
             checked[member.name] = dataclasses.replace(member, data_offset=data_offset)
             previous_end, previous = data_end, member
+        if previous_end != cd_offset:
+            raise ArchiveError(
+                f"archive has {cd_offset - previous_end} bytes between its last member and its "
+                f"central directory that belong to no member"
+            )
         # Keep central directory order: that is the archive's order.
         return {name: checked[name] for name in members}
+
+
+def _check_alignment_record(record: bytes | None, shown: str) -> None:
+    """The writer's alignment padding: its alignment, then zeros, and nothing else.
+
+    Padding only shifts where the data starts (which the local header says
+    to every reader alike); requiring zeros keeps it from carrying bytes.
+    """
+    if record is None:
+        return
+    if len(record) < 2 or _U16.unpack_from(record)[0] != ALIGNMENT or any(record[2:]):
+        raise ArchiveError(f"member {shown} is corrupted (malformed alignment padding)")
 
 
 def _decode_name(raw_name: bytes, flags: int, index: int) -> str:
@@ -1244,33 +1337,97 @@ def _decode_name(raw_name: bytes, flags: int, index: int) -> str:
 
 
 def _apply_zip64(
-    extra: bytes, size: int, compressed_size: int, header_offset: int, disk: int, shown: str
+    record: bytes | None,
+    size: int,
+    compressed_size: int,
+    header_offset: int,
+    disk: int,
+    shown: str,
 ) -> tuple[int, int, int, int]:
-    """Replace overflowed central directory fields with their ZIP64 values."""
+    """Replace overflowed central directory fields with their ZIP64 values.
+
+    The record must hold exactly the overflowed fields: a ZIP64 field with
+    nothing to replace, or bytes left over, are places for two readers to
+    disagree (and pack never writes them).
+    """
+    if disk == _MAX16:
+        raise ArchiveError("archive spans multiple disks, which is not supported")
+    values = [size, compressed_size, header_offset]
+    overflowed = [slot for slot, value in enumerate(values) if value == _MAX32]
+    if record is None:
+        if overflowed:
+            raise ArchiveError(f"member {shown} is corrupted (ZIP64 extra field missing)")
+        return size, compressed_size, header_offset, disk
+    if len(record) != 8 * len(overflowed):
+        raise ArchiveError(
+            f"member {shown} is corrupted (its ZIP64 extra field does not match its "
+            f"overflowed fields)"
+        )
+    for cursor, slot in enumerate(overflowed):
+        values[slot] = _U64.unpack_from(record, 8 * cursor)[0]
+    return values[0], values[1], values[2], disk
+
+
+# Extra fields each header may carry. Everything else is refused: Info-ZIP's
+# Unicode Path (0x7075) renames a member for unzip alone, and any field an
+# unknown reader might interpret is a second reading of the archive.
+_CENTRAL_EXTRAS = frozenset({_EXTRA_ZIP64})
+_LOCAL_EXTRAS = frozenset({_EXTRA_ZIP64, _EXTRA_ALIGNMENT})
+_EXTRA_NAMES = {
+    0x7075: "an Info-ZIP Unicode Path field, which renames the member for unzip alone",
+    0x6375: "an Info-ZIP Unicode Comment field",
+    0x5455: "an extended timestamp field",
+    0x7875: "a Unix UID/GID field",
+    0x000A: "an NTFS field",
+}
+
+
+def _parse_extra(extra: bytes, shown: str, allowed: frozenset[int]) -> dict[int, bytes]:
+    """Split an extra field into its records: each at most once, of an allowed kind, no slack."""
+    records: dict[int, bytes] = {}
     position = 0
-    record: bytes | None = None
-    while position + _EXTRA_HEADER.size <= len(extra):
+    while position < len(extra):
+        if position + _EXTRA_HEADER.size > len(extra):
+            raise ArchiveError(f"member {shown} is corrupted (malformed extra field)")
         kind, length = _EXTRA_HEADER.unpack_from(extra, position)
         start = position + _EXTRA_HEADER.size
         position = start + length
         if position > len(extra):
             raise ArchiveError(f"member {shown} is corrupted (malformed extra field)")
-        if kind == _EXTRA_ZIP64:
-            if record is not None:
-                raise ArchiveError(f"member {shown} is corrupted (two ZIP64 extra fields)")
-            record = extra[start:position]
-    if record is None:
-        raise ArchiveError(f"member {shown} is corrupted (ZIP64 extra field missing)")
-    values = [size, compressed_size, header_offset]
-    cursor = 0
-    for slot, value in enumerate(values):
-        if value == _MAX32:
-            if cursor + 8 > len(record):
-                raise ArchiveError(f"member {shown} is corrupted (ZIP64 extra field too short)")
-            values[slot] = _U64.unpack_from(record, cursor)[0]
-            cursor += 8
-    if disk == _MAX16:
-        if cursor + 4 > len(record):
-            raise ArchiveError(f"member {shown} is corrupted (ZIP64 extra field too short)")
-        disk = _U32.unpack_from(record, cursor)[0]
-    return values[0], values[1], values[2], disk
+        if kind not in allowed:
+            what = _EXTRA_NAMES.get(kind, f"an extra field of type {kind:#06x}")
+            raise ArchiveError(
+                f"member {shown} carries {what}; reprokit archives hold only ZIP64 and "
+                f"alignment fields, so that every zip reader sees the same members"
+            )
+        if kind in records:
+            raise ArchiveError(
+                f"member {shown} is corrupted (two extra fields of type {kind:#06x})"
+            )
+        records[kind] = extra[start:position]
+    return records
+
+
+def _check_canonical_entry(
+    shown: str, raw_name: bytes, flags: int, comment_length: int, internal: int, mode: int
+) -> None:
+    """Refuse central directory fields that pack never writes and some reader would act on."""
+    if flags & _FLAG_DATA_DESCRIPTOR:
+        raise ArchiveError(
+            f"member {shown} defers its sizes to a data descriptor, which reprokit never writes"
+        )
+    if flags != _flags(raw_name):
+        raise ArchiveError(
+            f"member {shown} has general-purpose flags {flags:#06x}; reprokit writes only the "
+            f"UTF-8 flag, set exactly when the name is not ASCII (readers decode other names "
+            f"differently)"
+        )
+    if comment_length or internal:
+        raise ArchiveError(
+            f"member {shown} has a file comment or internal attributes, which reprokit never writes"
+        )
+    if mode & 0o7111:
+        raise ArchiveError(
+            f"member {shown} has mode {mode & 0o7777:04o}; reprokit members are plain, "
+            f"non-executable files (unzip would apply the mode)"
+        )

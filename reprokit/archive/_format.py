@@ -59,7 +59,9 @@ def check_member_names(names: list[str], array_count: int) -> None:
     # table (filled arrays have none): the loader checks that.
 
 
-_SIGNATURE_KINDS = ("exception", "nonfinite", "output")
+# The kinds of issue a manifest can record; `portable._verdict` (embedded in
+# replay.py, which cannot import this) keeps an equal copy, and a test checks.
+SIGNATURE_KINDS = ("exception", "nonfinite", "output")
 
 
 def check_manifest(manifest: Any) -> dict:
@@ -86,7 +88,7 @@ def check_manifest(manifest: Any) -> dict:
     _expect(manifest["layer"], "keypath", str)
     _expect(manifest["layer"], "type", str)
     _expect(manifest, "call", dict)
-    _expect(manifest, "signature", dict, lambda v: v.get("kind") in _SIGNATURE_KINDS)
+    _expect(manifest, "signature", dict, lambda v: v.get("kind") in SIGNATURE_KINDS)
     sig = manifest["signature"]
     if sig["kind"] == "exception":
         _expect(sig, "type", str)

@@ -10,7 +10,7 @@ record, whose class and function names are checked against the loader's
 allow-list *by the rules alone* (syntax, module prefix, deny list): no
 module is imported, so a verify cannot be made to run import-time code.
 
-The same static walk (`check_structure`) runs whenever the loader opens an
+The same static walk (`reprokit.archive._structure`) runs whenever the loader opens an
 archive, so `inspect` and `run` refuse what `verify` refuses. What it cannot
 decide without importing (that a name really is a class of that module, that
 a field list matches the class) is left to the loader, which checks it again
@@ -19,302 +19,18 @@ but never the other way round.
 
 This module imports neither jax nor penzai (a test holds it to that).
 """
-
 from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any
 
-from reprokit._errors import ArchiveError, RefusedTypeError
 from reprokit.archive import _format
-from reprokit.archive._allowlist import AllowList, brief, check_name_for_viewing
 from reprokit.archive._container import Limits
-from reprokit.record._encoding import MAX_DEPTH, MAX_NODES, TAG
+from reprokit.archive._open import open_archive
+from reprokit.archive._structure import RECORD_PARTS, check_structure  # noqa: F401 (re-exported)
+from reprokit.archive._trust import TrustPolicy
 
 __all__ = ["VerifyReport", "check_structure", "verify_archive"]
-
-RECORD_PARTS = (
-    "submodel",
-    "argument",
-    "side_inputs",
-    "initial_var_values",
-    "output",
-    "final_var_values",
-)
-# Parts every record has; "output" and "final_var_values" exist exactly when
-# the recorded issue is not an exception.
-_ALWAYS = frozenset(RECORD_PARTS[:4])
-_AFTER_SUCCESS = frozenset(RECORD_PARTS[4:])
-
-# The keys each node kind has, exactly as `_encoding._Encoder` writes them.
-# Anything else (a stray key, a missing one) is refused: a decoder that
-# ignored extra keys would let an archive say different things to different
-# readers.
-_NODE_KEYS: dict[str, frozenset[str]] = {
-    tag: frozenset({TAG, *keys})
-    for tag, keys in {
-        "tuple": ("v",),
-        "dict": ("v",),
-        "odict": ("v",),
-        "int": ("v",),
-        "array": ("i",),
-        "scalar": ("dtype", "v"),
-        "obj": ("type", "f"),
-        "enum": ("type", "name"),
-        "fn": ("name",),
-        "partial": ("fn", "args", "kw"),
-        "type": ("name",),
-        "jnp_type": ("name",),
-        "np_type": ("name",),
-        "dtype": ("name",),
-        "builtin_type": ("name",),
-        "slice": ("v",),
-        "complex": ("v",),
-    }.items()
-}
-_BUILTIN_TYPE_NAMES = frozenset({"int", "float", "bool", "str", "complex", "bytes", "NoneType"})
-_MAX_BIG_INT_DIGITS = 4000
-_MAX_SHORT_NAME = 64
-
-
-class _NameRules:
-    """Checks class and function names statically: full allow-list, or view-only rules."""
-
-    def __init__(self, allow: AllowList | None):
-        self._allow = allow
-
-    def type_name(self, name: Any) -> None:
-        if self._allow is None:
-            check_name_for_viewing(name, "type")
-        else:
-            self._allow.check_type_name(name)
-
-    def callable_name(self, name: Any) -> None:
-        if self._allow is None:
-            check_name_for_viewing(name, "function")
-        else:
-            self._allow.check_callable_name(name)
-
-
-def _malformed(tag: str, why: str) -> ArchiveError:
-    return ArchiveError(f"structure has a malformed {tag!r} node ({why})")
-
-
-def _short_name(node: dict, tag: str) -> str:
-    name = node["name"]
-    if not isinstance(name, str) or not name.isascii() or not name.isidentifier():
-        raise _malformed(tag, "its name is not an identifier")
-    if name.startswith("_") or len(name) > _MAX_SHORT_NAME:
-        raise _malformed(tag, "its name is private or too long")
-    return name
-
-
-def _check_record_tree(
-    root: Any, array_count: int, rules: _NameRules, referenced: set[int]
-) -> None:
-    """Walks one encoded record iteratively (no recursion: depth is data)."""
-    from reprokit.portable._arrays import dtype_from_name
-
-    stack: list[tuple[Any, int]] = [(root, 0)]
-    nodes = 0
-    while stack:
-        node, depth = stack.pop()
-        nodes += 1
-        if depth > MAX_DEPTH:
-            raise ArchiveError(f"structure is nested more than {MAX_DEPTH} levels deep")
-        if nodes > MAX_NODES:
-            raise ArchiveError("structure has too many nodes")
-        if node is None or isinstance(node, (bool, int, float, str, bytes)):
-            continue
-        if isinstance(node, list):
-            stack.extend((item, depth + 1) for item in node)
-            continue
-        if not isinstance(node, dict):
-            raise ArchiveError(f"structure holds an unexpected {type(node).__name__}")
-        tag = node.get(TAG)
-        keys = _NODE_KEYS.get(tag) if isinstance(tag, str) else None
-        if keys is None:
-            raise ArchiveError(f"structure holds an unknown node kind {brief(tag, 40)}")
-        if node.keys() != keys:
-            raise _malformed(tag, "unexpected or missing keys")
-        child = depth + 1
-        if tag in ("tuple", "slice", "complex"):
-            items = node["v"]
-            if not isinstance(items, list):
-                raise _malformed(tag, "its items are not a list")
-            if tag == "slice" and len(items) != 3:
-                raise _malformed(tag, "it needs start, stop and step")
-            if tag == "complex" and (
-                len(items) != 2 or not all(type(part) is float for part in items)
-            ):
-                raise _malformed(tag, "it needs two floats")
-            stack.extend((item, child) for item in items)
-        elif tag in ("dict", "odict"):
-            pairs = node["v"]
-            if not isinstance(pairs, list) or not all(
-                isinstance(pair, list) and len(pair) == 2 for pair in pairs
-            ):
-                raise _malformed(tag, "its entries are not key-value pairs")
-            for key, value in pairs:
-                stack.append((key, child))
-                stack.append((value, child))
-        elif tag == "int":
-            text = node["v"]
-            if (
-                not isinstance(text, str)
-                or not 0 < len(text) <= _MAX_BIG_INT_DIGITS
-                or not text.removeprefix("-").isascii()
-                or not text.removeprefix("-").isdigit()
-            ):
-                raise _malformed(tag, "not a decimal integer")
-        elif tag == "array":
-            index = node["i"]
-            if not isinstance(index, int) or isinstance(index, bool):
-                raise _malformed(tag, "its index is not an integer")
-            if not 0 <= index < array_count:
-                raise ArchiveError(
-                    f"structure refers to array {index}, which the archive does not hold"
-                )
-            referenced.add(index)
-        elif tag == "scalar":
-            try:
-                dtype = dtype_from_name(node["dtype"])
-            except ValueError as error:
-                raise _malformed(tag, str(error)) from None
-            if not isinstance(node["v"], bytes) or len(node["v"]) != dtype.itemsize:
-                raise _malformed(tag, "its bytes do not match its dtype")
-        elif tag == "obj":
-            rules.type_name(node["type"])
-            fields = node["f"]
-            if not isinstance(fields, list) or not all(
-                isinstance(field, list)
-                and len(field) == 2
-                and isinstance(field[0], str)
-                and field[0].isascii()
-                and field[0].isidentifier()
-                for field in fields
-            ):
-                raise _malformed(tag, "its fields are not name-value pairs")
-            if len({field[0] for field in fields}) != len(fields):
-                raise _malformed(tag, "a field appears twice")
-            stack.extend((value, child) for _, value in fields)
-        elif tag == "enum":
-            rules.type_name(node["type"])
-            _short_name(node, tag)
-        elif tag == "fn":
-            rules.callable_name(node["name"])
-        elif tag == "partial":
-            fn = node["fn"]
-            # The decoder accepts only something callable that is not a class.
-            if not isinstance(fn, dict) or fn.get(TAG) not in ("fn", "partial"):
-                raise _malformed(tag, "it does not wrap a function")
-            args, keywords = node["args"], node["kw"]
-            if not isinstance(args, list):
-                raise _malformed(tag, "its arguments are not a list")
-            if not isinstance(keywords, list) or not all(
-                isinstance(item, list)
-                and len(item) == 2
-                and isinstance(item[0], str)
-                and item[0].isascii()
-                and item[0].isidentifier()
-                for item in keywords
-            ):
-                raise _malformed(tag, "its keywords are not name-value pairs")
-            stack.append((fn, child))
-            stack.extend((arg, child) for arg in args)
-            stack.extend((value, child) for _, value in keywords)
-        elif tag == "type":
-            rules.type_name(node["name"])
-        elif tag in ("jnp_type", "np_type"):
-            _short_name(node, tag)
-        elif tag == "dtype":
-            try:
-                dtype_from_name(node["name"])
-            except ValueError as error:
-                raise _malformed(tag, str(error)) from None
-        elif tag == "builtin_type":
-            if node["name"] not in _BUILTIN_TYPE_NAMES:
-                raise ArchiveError(
-                    f"archive names an unknown builtin type {brief(node['name'], 40)}"
-                )
-
-
-def check_structure(
-    structure: Any,
-    manifest: dict,
-    allow: AllowList | None,
-    *,
-    max_array_bytes: int | None = None,
-) -> None:
-    """Checks a decoded `structure.msgpack` against its manifest, importing nothing.
-
-    The structure must hold exactly a record and an array table; the record
-    exactly the parts its signature implies; the table one valid descriptor
-    per array; and every node must be well formed, refer only to arrays the
-    table holds, and name only classes and functions the rules admit. With
-    `allow` None (for `inspect`), names from the maintainer's own modules
-    pass, but nothing any `--allow-module` would be needed for in reprokit's
-    own libraries, the standard library, or a denied or private name.
-    Every array in the table must be used, so that `run` reads, and thereby
-    CRC-checks, each one. With `max_array_bytes`, the arrays together may not
-    be larger: filled arrays (all zeros, or one element repeated) have no
-    member whose size the container's limits would bound, so a tiny archive
-    could otherwise ask for any amount of memory.
-
-    Raises:
-        ArchiveError: naming the first problem (`RefusedTypeError` for names).
-    """
-    from reprokit.portable._arrays import check_descriptor
-
-    if not isinstance(structure, dict) or set(structure) != {"record", "arrays"}:
-        raise ArchiveError("structure.msgpack does not hold a record and an array table")
-    record, arrays = structure["record"], structure["arrays"]
-    if not isinstance(record, dict):
-        raise ArchiveError("structure.msgpack holds an unexpected record")
-    parts = set(record)
-    expected = set(_ALWAYS)
-    if manifest["signature"]["kind"] != "exception":
-        expected |= _AFTER_SUCCESS
-    if parts != expected:
-        if parts & _AFTER_SUCCESS and not expected & _AFTER_SUCCESS:
-            raise ArchiveError("the record's output does not match its signature")
-        odd = sorted(map(str, parts ^ expected))[0]
-        raise ArchiveError(
-            f"structure.msgpack's record has a missing or unexpected part {odd[:40]!r}"
-        )
-    if not isinstance(arrays, list) or len(arrays) != manifest["arrays"]["count"]:
-        raise ArchiveError("the array table does not match the manifest")
-    total = 0
-    for index, desc in enumerate(arrays):
-        try:
-            total += check_descriptor(desc)
-        except ValueError as error:
-            raise ArchiveError(f"array {index}: {error}") from None
-    if max_array_bytes is not None and total > max_array_bytes:
-        raise ArchiveError(
-            f"the archive's arrays hold {total} bytes; the limit is {max_array_bytes} "
-            "(raise it with --max-total-size only for an archive you trust)"
-        )
-    declared = manifest["arrays"].get("bytes")
-    if declared is not None and declared != total:
-        raise ArchiveError("the manifest's array byte count does not match the array table")
-    rules = _NameRules(allow)
-    referenced: set[int] = set()
-    try:
-        for name in RECORD_PARTS:
-            if name in record:
-                _check_record_tree(record[name], len(arrays), rules, referenced)
-    except RefusedTypeError:
-        raise
-    except RecursionError:
-        raise ArchiveError("structure is nested too deeply") from None
-    except (KeyError, TypeError, ValueError, AttributeError) as error:
-        # A safety net: every expected problem has its own message above.
-        raise ArchiveError(f"structure is malformed ({type(error).__name__})") from None
-    if len(referenced) != len(arrays):
-        unused = min(set(range(len(arrays))) - referenced)
-        raise ArchiveError(f"array {unused} is in the array table but the record never uses it")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -360,22 +76,21 @@ class VerifyReport:
 def verify_archive(
     path: str | os.PathLike[str],
     *,
-    allow_modules: tuple[str, ...] | list[str] = (),
+    trust: TrustPolicy | None = None,
     limits: Limits | None = None,
 ) -> VerifyReport:
     """Checks everything about an archive that can be checked without running it.
 
     Container, manifest, member set, every member's size and CRC-32 (arrays
     streamed), the structure and its array table, and every name against the
-    loader's allow-list plus `allow_modules`, by the rules alone. Imports
+    loader's allow-list plus `trust.modules`, by the rules alone. Imports
     neither jax nor penzai and no module the archive names.
 
     Raises:
         ArchiveError: the archive is invalid or names something refused.
     """
-    from reprokit.replaying._replay import open_archive
-
-    opened = open_archive(path, limits, allow_modules=tuple(allow_modules), verify_members=True)
+    modules = trust.modules if trust is not None else ()
+    opened = open_archive(path, limits, allow_modules=modules, verify_members=True)
     try:
         sha256 = opened.reader.sha256()
         members = len(opened.reader.names)

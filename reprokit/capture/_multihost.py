@@ -28,25 +28,19 @@ process briefly holds the full arrays, so it only suits small layers.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
-import re
 import shutil
 import time
 from typing import Any
 
 import numpy as np
 
-from reprokit._errors import ArchiveError, UsageError
+from reprokit._errors import UsageError
+from reprokit.archive._checkpoint import CHECKPOINT_PREFIX, SECTION
+from reprokit.capture._options import PackOptions
 
-CHECKPOINT_PREFIX = "checkpoint/"
-SECTION = "multiprocess"
-_CHECKPOINT_ROOT = CHECKPOINT_PREFIX + "manifest.ocdbt"
-_MEMBER = re.compile(r"checkpoint/[A-Za-z0-9_.=-]{1,128}(?:/[A-Za-z0-9_.=-]{1,128}){0,8}")
-_DRIVERS = frozenset({"zarr", "zarr3"})
-_STORAGES = frozenset({"checkpoint", "gather", "local"})
 # Process 0 may take a while after the shards are written (the archive,
 # its self-check replay); the other processes wait this long for it.
 ARCHIVE_BARRIER_TIMEOUT_S = 1800
@@ -158,7 +152,7 @@ def describe_global(value: Any) -> tuple[dict, Any]:
 
 def _unique_arrays(record: Any, allow: tuple[str, ...], aliases: dict | None) -> list:
     """The record's arrays in encoding order, each once (the same on every process)."""
-    from reprokit.capture._pack import _record_parts
+    from reprokit.capture._write import _record_parts
     from reprokit.record import _encoding
 
     seen: dict[int, Any] = {}
@@ -212,42 +206,36 @@ def pack_multiprocess(
     *,
     side_inputs: dict,
     out: str,
-    note: str,
-    call: int | None,
-    signature: str | None,
-    mode: str | None,
-    allow_modules: tuple[str, ...],
-    check: bool,
-    bundle_code: bool,
-    gather: bool,
-    shards_dir: str | None,
+    options: PackOptions,
 ) -> Any:
     """`reprokit.pack` when `jax.process_count() > 1`: call it on every process, as the model is.
 
-    Returns the `PackResult` on every process; only process 0 writes the
-    archive (other processes report size 0 and no self-check).
+    `options` are the caller's `PackOptions` (redact, max_size and compress
+    are refused before this). Returns the `PackResult` on every process;
+    only process 0 writes the archive (other processes report size 0 and no
+    self-check).
     """
     import jax
     from jax.experimental import multihost_utils
 
     from reprokit.capture._capture import capture_calls
-    from reprokit.capture._pack import PackResult, write_archive
+    from reprokit.capture._write import PackResult, write_archive
     from reprokit.portable._arrays import describe
     from reprokit.record import _bundle
 
     out = os.path.abspath(os.fspath(out))
     started = time.perf_counter()
-    capture = capture_calls(selection, argument, dict(side_inputs or {}), mode)
-    record, counts = choose_call(capture, call)
-    sig = signature_of(record, counts, signature)
-    aliases = _bundle.main_aliases() if bundle_code else None
+    capture = capture_calls(selection, argument, dict(side_inputs or {}), options.mode)
+    record, counts = choose_call(capture, options.call)
+    sig = signature_of(record, counts, options.signature)
+    aliases = _bundle.main_aliases() if options.bundle_code else None
     described: dict[int, tuple[dict, Any]] = {}
     to_save: dict[str, Any] = {}
-    for index, value in enumerate(_unique_arrays(record, tuple(allow_modules), aliases)):
+    for index, value in enumerate(_unique_arrays(record, options.allow_modules, aliases)):
         if _is_local(value):
             continue
         desc, data = describe_global(value)
-        if gather:
+        if options.gather:
             # Collective: every process takes part, and every process gets the whole array.
             host = np.asarray(multihost_utils.process_allgather(data, tiled=True), order="C")
             described[id(value)] = (desc, host)
@@ -258,7 +246,7 @@ def pack_multiprocess(
     captured = time.perf_counter()
     # Always a folder of our own inside `shards_dir`: orbax replaces what is at its path.
     directory = os.path.join(
-        os.path.abspath(shards_dir or os.path.dirname(out)), os.path.basename(out) + ".shards"
+        os.path.abspath(options.shards_dir or os.path.dirname(out)), os.path.basename(out) + ".shards"
     )
     if to_save:
         _save_checkpoint(to_save, directory)
@@ -312,12 +300,9 @@ def pack_multiprocess(
             layer_type=capture.layer_type,
             mode=capture.mode,
             call_count=len(capture.calls),
-            note=note,
+            options=options,
             signature_info=sig,
-            allow_modules=allow_modules,
             extra_manifest={SECTION: section},
-            check=check,
-            bundle_code=bundle_code,
             describe_array=describe_array,
             extra_members=members,
         )
@@ -325,107 +310,4 @@ def pack_multiprocess(
         if to_save:
             shutil.rmtree(directory, ignore_errors=True)
         _barrier("archive_written", ARCHIVE_BARRIER_TIMEOUT_S)
-    from reprokit.views._issue import write_issue_snippet
-
-    return dataclasses.replace(result, issue_path=write_issue_snippet(result.path))
-
-
-# ------------------------------------------------------------------ load side
-
-
-def section(manifest: dict) -> dict | None:
-    """The manifest's multi-process section, validated; None for single-process archives."""
-    value = manifest.get(SECTION)
-    if value is None:
-        return None
-    if not isinstance(value, dict) or value.get("storage") not in _STORAGES:
-        raise ArchiveError(f"manifest.json has a malformed {SECTION!r} section")
-    for key in ("process_count", "device_count"):
-        if type(value.get(key)) is not int or value[key] < 1:
-            raise ArchiveError(f"manifest.json has a malformed {SECTION!r} section")
-    checkpoint = value.get("checkpoint")
-    if (value["storage"] == "checkpoint") != (checkpoint is not None):
-        raise ArchiveError(f"manifest.json has a malformed {SECTION!r} section")
-    if checkpoint is not None and (
-        not isinstance(checkpoint, dict) or checkpoint.get("driver") not in _DRIVERS
-    ):
-        raise ArchiveError("manifest.json names an unknown checkpoint format")
-    return value
-
-
-def member_names(manifest: dict, names: list[str]) -> set[str]:
-    """Members of the archive's checkpoint folder (each name checked); empty when it has none."""
-    info = section(manifest)
-    if info is None or info.get("checkpoint") is None:
-        return set()
-    found = {name for name in names if name.startswith(CHECKPOINT_PREFIX)}
-    for name in found:
-        if not _MEMBER.fullmatch(name):
-            raise ArchiveError(
-                f"archive holds an unexpected checkpoint member {name[:80]!r}; refused"
-            )
-    return found
-
-
-def check_members(reader: Any, manifest: dict, structure: dict) -> None:
-    """Arrays name a checkpoint exactly when the archive holds one, and it has its root."""
-    info = section(manifest)
-    has_checkpoint = info is not None and info.get("checkpoint") is not None
-    uses = any(isinstance(d, dict) and "checkpoint" in d for d in structure["arrays"])
-    if uses != has_checkpoint:
-        raise ArchiveError("the array table and the manifest disagree about the checkpoint")
-    if has_checkpoint and _CHECKPOINT_ROOT not in reader:
-        raise ArchiveError(f"archive is missing {_CHECKPOINT_ROOT!r}")
-
-
-class CheckpointArrays:
-    """Reads arrays of an archive's checkpoint with tensorstore, in place inside the zip."""
-
-    def __init__(self, opened: Any):
-        self._opened = opened
-        self._verified = False
-        self._driver = section(opened.manifest)["checkpoint"]["driver"]
-
-    def read(self, desc: dict) -> np.ndarray:
-        """The array's bytes as a flat uint8 buffer, checked against its descriptor."""
-        import tensorstore as ts
-
-        from reprokit.portable._arrays import dtype_from_name
-
-        if not self._verified:
-            # tensorstore reads the members itself: check every CRC first.
-            for name in self._opened.reader.names:
-                if name.startswith(CHECKPOINT_PREFIX):
-                    self._opened.reader.verify_member(name)
-            self._verified = True
-        spec = {
-            "driver": self._driver,
-            "kvstore": {
-                "driver": "ocdbt",
-                "base": {
-                    "driver": "zip",
-                    "path": CHECKPOINT_PREFIX,
-                    "base": {"driver": "file", "path": os.path.abspath(self._opened.path)},
-                },
-                "path": desc["checkpoint"] + "/",
-            },
-        }
-        key = desc["checkpoint"]
-        try:
-            store = ts.open(spec, open=True, read=True).result()
-            shape, dtype = list(store.shape), np.dtype(store.dtype.numpy_dtype)
-            chunk = list(store.chunk_layout.read_chunk.shape or shape)
-        except Exception as error:  # tensorstore raises ValueError and its own types
-            raise ArchiveError(f"checkpoint array {key}: cannot be opened ({error})") from None
-        if shape != desc["shape"] or dtype != dtype_from_name(desc["dtype"]):
-            raise ArchiveError(f"checkpoint array {key} does not match its descriptor")
-        if len(chunk) != len(shape) or any(
-            c > max(s, 1) for c, s in zip(chunk, shape, strict=True)
-        ):
-            # A chunk larger than the array would let a tiny member inflate without bound.
-            raise ArchiveError(f"checkpoint array {key} has chunks larger than the array")
-        try:
-            data = store.read(order="C").result()
-        except Exception as error:
-            raise ArchiveError(f"checkpoint array {key}: cannot be read ({error})") from None
-        return np.ascontiguousarray(data).reshape(-1).view(np.uint8)
+    return result

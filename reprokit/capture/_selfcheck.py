@@ -17,27 +17,21 @@ import sys
 import time
 
 from reprokit._workers import WorkerFailed, run_worker
+from reprokit.archive._trust import TrustPolicy
 
 _TIMEOUT_S = 900
 
 
 def self_check(
-    path: str,
-    allow_modules: tuple[str, ...] = (),
-    timeout: float = _TIMEOUT_S,
-    *,
-    trust_code: bool = False,
+    path: str, trust: TrustPolicy | None = None, timeout: float = _TIMEOUT_S
 ) -> dict:
     """Replays `path` in a fresh process; returns what it measured (never raises for a failed replay).
 
-    `trust_code`: the archive bundles the reporter's own code (`--bundle-code`),
+    `trust` is what the replay allows: the reporter's own modules and, when
+    the archive bundles the reporter's code (`--bundle-code`), that code,
     which this check, run by that reporter, imports from the archive.
     """
-    args = [path]
-    for module in allow_modules:
-        args += ["--allow-module", module]
-    if trust_code:
-        args.append("--trust-code")
+    args = [path, *(trust or TrustPolicy()).to_argv()]
     env = dict(os.environ)
     # The reporter's own modules must import exactly as they did in this process.
     env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
@@ -86,13 +80,16 @@ def describe(result: dict, mode: str) -> list[str]:
 
 def _main(argv: list[str]) -> int:
     path, *rest = argv
-    allow = tuple(rest[i + 1] for i, arg in enumerate(rest) if arg == "--allow-module")
-    trust_code = "--trust-code" in rest
     from reprokit.portable._verdict import json_ready, judge
-    from reprokit.replaying._replay import load, recorded_outcome, replay_loaded, replayed_outcome
+    from reprokit.replaying._replay import (
+        load_archive,
+        recorded_outcome,
+        replay_loaded,
+        replayed_outcome,
+    )
 
     try:
-        loaded = load(path, allow_modules=allow, trust_code=trust_code)
+        loaded = load_archive(path, TrustPolicy.from_argv(rest))
         verdict = replay_loaded(loaded)
         recorded_mode = loaded.manifest["mode"]
         other_mode = "eager" if recorded_mode == "jit" else "jit"
@@ -127,14 +124,3 @@ def _main(argv: list[str]) -> int:
 
 if __name__ == "__main__":
     sys.exit(_main(sys.argv[1:]))
-
-
-def reporter_line(result: dict | None) -> str | None:
-    """What the archive's recorded self-check says, for `reprokit run`."""
-    if not isinstance(result, dict):
-        return None
-    if not result.get("ran"):
-        return "reproduced on the reporter's machine after packing: not checked"
-    answer = "yes" if result.get("reproduced") else "NO"
-    equal = ", output bitwise equal" if result.get("output_bitwise_equal") else ""
-    return f"reproduced on the reporter's machine after packing: {answer}{equal}"

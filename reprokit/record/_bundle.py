@@ -42,21 +42,21 @@ import types
 from collections.abc import Iterator
 from typing import Any
 
-from reprokit._errors import ArchiveError, CaptureError, RefusedTypeError, ReplayError
+from reprokit._errors import CaptureError, RefusedTypeError, ReplayError
+from reprokit.archive._code import (  # noqa: F401 (re-exported: the load-side checks live in the archive layer)
+    CODE_PREFIX,
+    NEVER_BUNDLED_ROOTS,
+    bundled_modules,
+    check_members,
+    code_files,
+    describe,
+    member_names,
+    verified_source,
+)
+from reprokit.archive._trust import TrustPolicy
 
-CODE_PREFIX = "code/"
 # Modules a script's classes live in: run as a script, or loaded by `reprokit pack`.
 MAIN_MODULES = ("__main__", "__reprokit_target__")
-_MAX_FILES = 256
-_MODULE_PART = r"[A-Za-z_][A-Za-z0-9_]*"
-_PATH = re.compile(rf"code/((?:{_MODULE_PART}/)*{_MODULE_PART})\.py")
-_SHA256 = re.compile(r"[0-9a-f]{64}")
-_FILE_KEYS = frozenset({"path", "module", "sha256", "bytes", "source"})
-# Never served from an archive, even when trusted: a bundled `penzai` (or a
-# dependency of reprokit) would silently replace the library itself.
-_NEVER_BUNDLED_ROOTS = frozenset(
-    {"penzai", "treescope", "orbax", "tensorstore", "msgpack", "jinja2", "click", "etils"}
-)
 
 
 # ------------------------------------------------------------------ pack side
@@ -155,27 +155,18 @@ def prepare(parts: dict, allow_modules: tuple[str, ...]) -> Bundle:
 def referenced_names(encoded: Any) -> dict[str, set[str]]:
     """module -> qualnames of the classes and functions an encoded tree names outside reprokit's defaults."""
     from reprokit.archive._allowlist import default_modules
+    from reprokit.archive._grammar import named
 
     found: dict[str, set[str]] = {}
-    stack = [encoded]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, list):
-            stack.extend(item)
-        elif isinstance(item, dict):
-            tag = item.get("$t")
-            name = item.get("type") if tag in ("obj", "enum") else None
-            if tag in ("fn", "type"):
-                name = item.get("name")
-            if isinstance(name, str) and ":" in name and not default_modules(name):
-                module, qualname = name.split(":", 1)
-                found.setdefault(module, set()).add(qualname)
-            stack.extend(v for k, v in item.items() if k != "$t")
+    for name in named(encoded):
+        if ":" in name and not default_modules(name):
+            module, qualname = name.split(":", 1)
+            found.setdefault(module, set()).add(qualname)
     return found
 
 
 def _not_bundled_reason(module_name: str, file: str | None) -> str | None:
-    if module_name.split(".")[0] in _NEVER_BUNDLED_ROOTS:
+    if module_name.split(".")[0] in NEVER_BUNDLED_ROOTS:
         return "a library reprokit depends on"
     if not file or not file.endswith(".py") or not os.path.isfile(file):
         return "no Python source file to copy"
@@ -335,88 +326,9 @@ def _register(alias: str, source: str, qualnames: set[str]) -> None:
 # ------------------------------------------------------------------ load side
 
 
-def code_files(manifest: dict) -> list[dict]:
-    """The manifest's list of bundled files, validated; [] when the archive bundles no code."""
-    section = manifest.get("code")
-    if section is None:
-        return []
-    from reprokit.archive._allowlist import check_module_for_viewing
-
-    if not isinstance(section, dict) or not isinstance(section.get("files"), list):
-        raise ArchiveError("manifest.json has a malformed 'code' section")
-    files = section["files"]
-    if len(files) > _MAX_FILES:
-        raise ArchiveError("manifest.json lists too many bundled files")
-    seen: set[str] = set()
-    for entry in files:
-        if not isinstance(entry, dict) or set(entry) != _FILE_KEYS:
-            raise ArchiveError("manifest.json has a malformed bundled file entry")
-        path, module = entry["path"], entry["module"]
-        match = _PATH.fullmatch(path) if isinstance(path, str) else None
-        if match is None:
-            raise ArchiveError("manifest.json names a bundled file outside code/ or not a .py")
-        dotted = match.group(1).replace("/", ".").removesuffix(".__init__")
-        if module != dotted or module in seen:
-            raise ArchiveError(f"bundled file {path!r} does not hold module {str(module)[:60]!r}")
-        check_module_for_viewing(module)
-        if module.split(".")[0] in _NEVER_BUNDLED_ROOTS:
-            raise RefusedTypeError(
-                f"archive bundles {module!r}, which reprokit never imports from an archive"
-            )
-        if not isinstance(entry["sha256"], str) or not _SHA256.fullmatch(entry["sha256"]):
-            raise ArchiveError(f"bundled file {path!r} has a malformed sha256")
-        if (
-            type(entry["bytes"]) is not int
-            or entry["bytes"] < 0
-            or not isinstance(entry["source"], str)
-        ):
-            raise ArchiveError(f"bundled file {path!r} has a malformed entry")
-        seen.add(module)
-    skipped = section.get("not_bundled", [])
-    if not isinstance(skipped, list) or not all(
-        isinstance(s, dict) and all(isinstance(v, str) for v in s.values()) for s in skipped
-    ):
-        raise ArchiveError("manifest.json has a malformed 'code' section")
-    return files
-
-
-def bundled_modules(manifest: dict) -> tuple[str, ...]:
-    """Modules the archive bundles (validated)."""
-    return tuple(entry["module"] for entry in code_files(manifest))
-
-
-def member_names(manifest: dict) -> set[str]:
-    """Archive members that hold bundled code."""
-    return {entry["path"] for entry in code_files(manifest)}
-
-
-def check_members(reader: Any, manifest: dict) -> None:
-    """Every `code/` member is listed, every listed one exists, and each has its recorded sha256."""
-    files = {entry["path"]: entry for entry in code_files(manifest)}
-    present = {name for name in reader.names if name.startswith(CODE_PREFIX)}
-    if present != set(files):
-        odd = sorted(present ^ set(files))[0]
-        raise ArchiveError(f"bundled file {odd[:80]!r} is not both listed and present; refused")
-    for entry in files.values():
-        _verified_source(reader, entry)
-
-
-def _verified_source(reader: Any, entry: dict) -> bytes:
-    data = reader.read_bytes(entry["path"])
-    if len(data) != entry["bytes"] or hashlib.sha256(data).hexdigest() != entry["sha256"]:
-        raise ArchiveError(f"bundled file {entry['path']!r} does not match its sha256; refused")
-    try:
-        data.decode("utf-8")
-    except UnicodeDecodeError:
-        raise ArchiveError(f"bundled file {entry['path']!r} is not UTF-8 text") from None
-    return data
-
-
 @contextlib.contextmanager
-def admitted(
-    opened: Any, allow_modules: tuple[str, ...], trust_code: bool
-) -> Iterator[tuple[str, ...]]:
-    """`admit`, with the bundle's finder removed again on exit.
+def admitted(opened: Any, trust: TrustPolicy) -> Iterator[tuple[str, ...]]:
+    """`admit` under the maintainer's `trust`, with the bundle's finder removed again on exit.
 
     Modules imported inside the block stay imported; the finder does not
     outlive the load, so a later import of the same name (say, the
@@ -424,7 +336,7 @@ def admitted(
     """
     before = list(sys.meta_path)
     try:
-        yield admit(opened, allow_modules, trust_code)
+        yield admit(opened, trust.modules, trust.trust_code)
     finally:
         sys.meta_path[:] = [
             f for f in sys.meta_path if f in before or not isinstance(f, _BundleFinder)
@@ -520,7 +432,7 @@ def _install(opened: Any, files: list[dict]) -> None:
                 f"archive bundles module {entry['module']!r}, which is installed here "
                 f"({installed}); bundled code may not replace installed libraries"
             )
-        data = _verified_source(opened.reader, entry)
+        data = verified_source(opened.reader, entry)
         module = sys.modules.get(entry["module"])
         if module is not None and not _same_code(module, entry):
             raise ReplayError(
@@ -547,21 +459,3 @@ def _same_code(module: types.ModuleType, entry: dict) -> bool:
             return hashlib.sha256(handle.read()).hexdigest() == entry["sha256"]
     except (OSError, TypeError):
         return False
-
-
-def describe(manifest: dict) -> list[str]:
-    """Lines for `reprokit inspect`: the bundled files and how `run` treats them."""
-    files = code_files(manifest)
-    lines = []
-    if files:
-        lines.append(
-            "bundled code (reprokit run imports it only with --trust-code; read it first):"
-        )
-        for entry in files:
-            lines.append(
-                f"  {entry['path']}  module {entry['module']}, {entry['bytes']} bytes, "
-                f"sha256 {entry['sha256'][:16]}..., {entry['source']}"
-            )
-    for skipped in (manifest.get("code") or {}).get("not_bundled", []):
-        lines.append(f"  not bundled: {skipped.get('module')} ({skipped.get('reason')})")
-    return lines

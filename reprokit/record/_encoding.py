@@ -23,18 +23,19 @@ from collections.abc import Callable
 from typing import Any
 
 import ml_dtypes
-import msgpack
 import numpy as np
 
 from reprokit._errors import ArchiveError, CaptureError, RefusedTypeError
 from reprokit.archive import _allowlist
-
-MAX_DEPTH = 200
-MAX_STRING = 1 << 20
-MAX_NODES = 5_000_000
-
-TAG = "$t"
-
+from reprokit.archive._grammar import (  # noqa: F401 (re-exported: the grammar's home is the archive layer)
+    MAX_DEPTH,
+    MAX_NODES,
+    MAX_STRING,
+    TAG,
+    pack_bytes,
+    unpack_bytes,
+)
+from reprokit.record import _flax, _names
 
 # ------------------------------------------------------------------ encoding
 
@@ -89,7 +90,7 @@ class _Encoder:
         if isinstance(value, enum.Enum):
             return {
                 TAG: "enum",
-                "type": _allowlist.name_of_type(type(value), where, self._aliases),
+                "type": _names.name_of_type(type(value), where, self._aliases),
                 "name": value.name,
             }
         if isinstance(value, type):
@@ -97,12 +98,20 @@ class _Encoder:
         if isinstance(value, np.dtype):
             _arrays_check(value, where)
             return {TAG: "dtype", "name": value.name}
+        if type(value) is frozenset:
+            items = [self.encode(v, f"{where} item", depth + 1) for v in value]
+            # Set order follows string hashing, which changes between runs:
+            # sort the encoded items so that one model always writes one archive.
+            items.sort(key=pack_bytes)
+            return {TAG: "frozenset", "v": items}
         if dataclasses.is_dataclass(value):
+            if _flax.is_flax_module_class(type(value)):
+                _flax.check_capture(value, where)
             fields = [
                 [f.name, self.encode(getattr(value, f.name), f"{where}.{f.name}", depth + 1)]
                 for f in dataclasses.fields(value)
             ]
-            name = _allowlist.name_of_type(type(value), where, self._aliases)
+            name = _names.name_of_type(type(value), where, self._aliases)
             return {TAG: "obj", "type": name, "f": fields}
         if isinstance(value, functools.partial):
             return {
@@ -124,9 +133,19 @@ class _Encoder:
         if type(value) is complex:
             return {TAG: "complex", "v": [value.real, value.imag]}
         if callable(value):
+            made = _flax.initializer_call(value)
+            if made is not None:
+                factory, keywords = made
+                return {
+                    TAG: "initializer",
+                    "factory": factory,
+                    "kw": [
+                        [k, self.encode(v, f"{where}.{k}", depth + 1)] for k, v in keywords.items()
+                    ],
+                }
             return {
                 TAG: "fn",
-                "name": _allowlist.name_of_callable(
+                "name": _names.name_of_callable(
                     value, where, self._extra_modules, self._aliases
                 ),
             }
@@ -146,7 +165,7 @@ class _Encoder:
                 return {TAG: "np_type", "name": cls.__name__}
         if cls in _BUILTIN_TYPES.values():
             return {TAG: "builtin_type", "name": cls.__name__}
-        return {TAG: "type", "name": _allowlist.name_of_type(cls, where, self._aliases)}
+        return {TAG: "type", "name": _names.name_of_type(cls, where, self._aliases)}
 
 
 def _arrays_check(dtype: np.dtype, where: str) -> None:
@@ -189,32 +208,7 @@ def encode_tree(
     return _Encoder(on_array, extra_modules, module_aliases).encode(value, where)
 
 
-def pack_bytes(node: Any) -> bytes:
-    """Serialises encoded data with msgpack (bin type for bytes, no extension types)."""
-    return msgpack.packb(node, use_bin_type=True, strict_types=False)
-
-
 # ------------------------------------------------------------------ decoding
-
-
-def unpack_bytes(data: bytes) -> Any:
-    """Parses msgpack with every size bounded; refuses extension types and non-string map keys."""
-    try:
-        return msgpack.unpackb(
-            data,
-            raw=False,
-            strict_map_key=True,
-            use_list=True,
-            max_str_len=MAX_STRING,
-            max_bin_len=MAX_STRING,
-            max_array_len=MAX_NODES,
-            max_map_len=MAX_NODES,
-            max_ext_len=0,
-        )
-    except RecursionError:
-        raise ArchiveError("structure is nested too deeply") from None
-    except Exception as error:  # msgpack raises many types for bad input
-        raise ArchiveError(f"structure is not valid msgpack ({type(error).__name__})") from None
 
 
 class Decoder:
@@ -268,7 +262,7 @@ class Decoder:
         return pairs
 
     def _obj(self, node: dict, depth: int) -> Any:
-        cls = self._allow.resolve_type(node["type"])
+        cls = _names.resolve_type(self._allow, node["type"])
         if not dataclasses.is_dataclass(cls):
             raise RefusedTypeError(f"{node['type']!r} is not a dataclass")
         expected = [f.name for f in dataclasses.fields(cls)]
@@ -282,6 +276,8 @@ class Decoder:
         from_attributes = getattr(cls, "from_attributes", None)
         if from_attributes is not None and _is_penzai_struct(cls):
             return from_attributes(**values)
+        if _flax.is_flax_module_class(cls):
+            return _flax.rebuild_module(cls, values)
         # Never run __init__/__post_init__: build the instance field by field.
         instance = object.__new__(cls)
         for name, value in values.items():
@@ -289,7 +285,7 @@ class Decoder:
         return instance
 
     def _enum(self, node: dict, depth: int) -> Any:
-        cls = self._allow.resolve_type(node["type"])
+        cls = _names.resolve_type(self._allow, node["type"])
         if not issubclass(cls, enum.Enum) or node["name"] not in cls.__members__:
             raise ArchiveError(f"archive names an unknown enum member of {node['type']!r}")
         return cls[node["name"]]
@@ -387,6 +383,23 @@ def _builtin_type(decoder: Decoder, node: dict, depth: int) -> type:
     return cls
 
 
+def _frozenset(decoder: Decoder, node: dict, depth: int) -> frozenset:
+    items = decoder._list(node, "v", depth)
+    try:
+        return frozenset(items)
+    except TypeError:
+        raise ArchiveError("structure has a frozenset item that is not hashable") from None
+
+
+def _initializer(decoder: Decoder, node: dict, depth: int) -> Any:
+    keywords = {}
+    for item in node["kw"]:
+        if not isinstance(item, list) or len(item) != 2 or not isinstance(item[0], str):
+            raise ArchiveError("structure holds a malformed initializer")
+        keywords[item[0]] = decoder.decode(item[1], depth)
+    return _flax.make_initializer(node["factory"], keywords)
+
+
 _HANDLERS: dict[str, Callable[[Decoder, dict, int], Any]] = {
     "tuple": lambda d, n, depth: tuple(d._list(n, "v", depth)),
     "dict": lambda d, n, depth: dict(d._pairs(n, depth)),
@@ -396,15 +409,17 @@ _HANDLERS: dict[str, Callable[[Decoder, dict, int], Any]] = {
     "scalar": lambda d, n, depth: d._scalar(n, depth),
     "obj": lambda d, n, depth: d._obj(n, depth),
     "enum": lambda d, n, depth: d._enum(n, depth),
-    "fn": lambda d, n, depth: d._allow.resolve_callable(n["name"]),
+    "fn": lambda d, n, depth: _names.resolve_callable(d._allow, n["name"]),
     "partial": _partial,
-    "type": lambda d, n, depth: d._allow.resolve_type(n["name"]),
+    "type": lambda d, n, depth: _names.resolve_type(d._allow, n["name"]),
     "jnp_type": _jnp_type,
     "np_type": _np_type,
     "dtype": _dtype,
     "builtin_type": _builtin_type,
     "slice": _slice,
     "complex": _complex,
+    "frozenset": _frozenset,
+    "initializer": _initializer,
 }
 
 

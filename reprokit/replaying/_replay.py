@@ -10,32 +10,19 @@ recorded mode, and judge the outcome against the recorded signature.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from typing import Any
 
 from reprokit._errors import ArchiveError, ReplayError
 from reprokit.archive import _format
 from reprokit.archive._allowlist import AllowList
-from reprokit.archive._container import ArchiveReader, Limits
-from reprokit.archive._verify import RECORD_PARTS, check_structure  # noqa: F401 (re-exported)
-from reprokit.capture import _multihost
+from reprokit.archive._container import Limits
+from reprokit.archive._open import OpenedArchive, open_archive  # noqa: F401 (re-exported)
+from reprokit.archive._structure import RECORD_PARTS, check_structure  # noqa: F401 (re-exported)
+from reprokit.archive._trust import TrustPolicy
 from reprokit.record import _bundle
-from reprokit.record._encoding import decode_tree, unpack_bytes
-
-
-@dataclasses.dataclass(frozen=True)
-class OpenedArchive:
-    """A validated archive whose manifest and structure are read but not yet decoded."""
-
-    path: str
-    manifest: dict
-    structure: dict
-    reader: ArchiveReader
-    self_check: dict | None = None
-
-    def close(self) -> None:
-        self.reader.close()
+from reprokit.record._encoding import decode_tree
+from reprokit.replaying._checkpoint import CheckpointArrays
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,92 +36,16 @@ class LoadedArchive:
     self_check: dict | None = None
     # Where sharded arrays were placed (reprokit.replaying._sharding); None: nothing sharded.
     topology: dict | None = None
+    # The StableHLO artifact's bytes, read (CRC-checked) while the archive was open.
+    stablehlo: bytes | None = None
 
     @property
     def submodel(self) -> Any:
         return self.record["submodel"]
 
 
-def open_archive(
-    path: str | os.PathLike,
-    limits: Limits | None = None,
-    *,
-    allow_modules: tuple[str, ...] | list[str] | None = None,
-    verify_members: bool = False,
-) -> OpenedArchive:
-    """Opens and validates an archive's container, manifest and structure without jax.
-
-    Every member but the arrays is read and CRC-checked here (arrays are
-    checked as they are loaded, or here too with `verify_members`), and every
-    node of the structure is checked statically (`reprokit.archive._verify`): names
-    against the allow-list plus `allow_modules`, or, with `allow_modules`
-    None (for `inspect`, which rebuilds nothing), only against what no
-    `--allow-module` would admit.
-    """
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise ArchiveError(f"{path!r} is not a file")
-    limits = limits or Limits()
-    reader = ArchiveReader(path, limits)
-    try:
-        manifest = _format.parse_manifest(reader.read_bytes(_format.MANIFEST))
-        # Bundled code and a multi-process checkpoint are checked by their own modules.
-        own = _bundle.member_names(manifest) | _multihost.member_names(manifest, reader.names)
-        _format.check_member_names(
-            [name for name in reader.names if name not in own], manifest["arrays"]["count"]
-        )
-        structure = unpack_bytes(reader.read_bytes(_format.STRUCTURE))
-        # Names from bundled modules pass this static check (it imports nothing);
-        # `load` refuses to import them without --trust-code.
-        bundled = _bundle.bundled_modules(manifest)
-        allow = None if allow_modules is None else AllowList(tuple(allow_modules) + bundled)
-        check_structure(structure, manifest, allow, max_array_bytes=limits.max_total_bytes)
-        for index, desc in enumerate(structure["arrays"]):
-            member = _format.array_member(index)
-            if desc.get("fill") is not None or "checkpoint" in desc:
-                if member in reader:
-                    raise ArchiveError(
-                        f"array {index} has no payload member, yet {member!r} exists"
-                    )
-                continue
-            if member not in reader:
-                raise ArchiveError(f"archive is missing array payload {member!r}")
-            if reader.size(member) != desc["nbytes"]:
-                raise ArchiveError(f"member {member!r} has the wrong size for its array")
-        for name in reader.names:
-            # A flipped byte in any member refuses the whole archive, and a
-            # member must hold what its name says (not, say, a pickle).
-            if name.startswith("arrays/") or name in own:
-                if verify_members and not name.startswith(_bundle.CODE_PREFIX):
-                    reader.verify_member(name)
-            elif name not in (_format.MANIFEST, _format.STRUCTURE):
-                _format.check_optional_member(name, reader.read_bytes(name))
-        _bundle.check_members(reader, manifest)
-        _multihost.check_members(reader, manifest, structure)
-        self_check = _read_self_check(reader)
-    except BaseException:
-        reader.close()
-        raise
-    return OpenedArchive(
-        path=path, manifest=manifest, structure=structure, reader=reader, self_check=self_check
-    )
-
-
-def _read_self_check(reader: ArchiveReader) -> dict | None:
-    """The reporter's self-check result, reduced to the few plain fields `run` shows."""
-    if _format.SELFCHECK not in reader.names:
-        return None
-    try:
-        data = json.loads(reader.read_bytes(_format.SELFCHECK))
-    except (ValueError, RecursionError):
-        raise ArchiveError(f"{_format.SELFCHECK} is not valid JSON") from None
-    if not isinstance(data, dict):
-        raise ArchiveError(f"{_format.SELFCHECK} is not a JSON object")
-    return {k: data[k] for k in ("ran", "reproduced", "output_bitwise_equal") if isinstance(data.get(k), bool)}
-
-
 def load(
-    path: str | os.PathLike,
+    path: str | os.PathLike | OpenedArchive,
     *,
     allow_modules: tuple[str, ...] | list[str] = (),
     limits: Limits | None = None,
@@ -150,11 +61,40 @@ def load(
     plus, with `trust_code`, the modules the archive bundles (`--bundle-code`).
     `mesh` places sharded arrays: "auto" (default), "recorded", "1", or
     "AXIS=SIZE,..." (see `reprokit.replaying._sharding`).
+
+    `path` may also be an archive the caller already opened (`open_archive`
+    with the same `allow_modules`), so that a command reads its archive once;
+    it is closed when `load` returns.
     """
-    opened = open_archive(path, limits, allow_modules=tuple(allow_modules))
+    return load_archive(
+        path,
+        TrustPolicy.of(allow_modules, trust_code),
+        limits=limits,
+        config_overrides=config_overrides,
+        mesh=mesh,
+    )
+
+
+def load_archive(
+    source: str | os.PathLike | OpenedArchive,
+    trust: TrustPolicy,
+    *,
+    limits: Limits | None = None,
+    config_overrides: dict | None = None,
+    mesh: Any = None,
+) -> LoadedArchive:
+    """`load` under the maintainer's `trust` (the form reprokit's own callers use).
+
+    `source` is a path, opened here under `limits`, or an archive the caller
+    opened already (with `trust.modules`), which is closed when this returns.
+    """
+    if isinstance(source, OpenedArchive):
+        opened = source
+    else:
+        opened = open_archive(source, limits, allow_modules=trust.modules)
     try:
         _check_memory(opened.structure["arrays"])
-        with _bundle.admitted(opened, tuple(allow_modules), trust_code) as allowed:
+        with _bundle.admitted(opened, trust) as allowed:
             return _decode(opened, AllowList(allowed), config_overrides or {}, mesh)
     finally:
         opened.close()
@@ -209,7 +149,7 @@ def _decode(
 
     placement = Placement(descriptors, mesh)
     checkpoint = (
-        _multihost.CheckpointArrays(opened)
+        CheckpointArrays(opened)
         if any("checkpoint" in desc for desc in descriptors)
         else None
     )
@@ -257,7 +197,15 @@ def _decode(
         config_problems=problems,
         self_check=opened.self_check,
         topology=placement.topology if sharded else None,
+        stablehlo=_stablehlo_bytes(opened),
     )
+
+
+def _stablehlo_bytes(opened: OpenedArchive) -> bytes | None:
+    meta = opened.manifest.get("stablehlo")
+    if not isinstance(meta, dict) or "error" in meta or _format.STABLEHLO not in opened.reader:
+        return None
+    return opened.reader.read_bytes(_format.STABLEHLO)
 
 
 _NEVER_APPLIED = frozenset({"jax_no_execution", "jax_no_tracing"})
@@ -318,7 +266,6 @@ class Verdict:
         }
 
     def format(self) -> str:
-        from reprokit.capture._selfcheck import reporter_line
         from reprokit.environment._diff import format_environment_table
         from reprokit.portable._verdict import format_verdict
 
@@ -349,6 +296,40 @@ class Verdict:
         return "\n".join(lines)
 
 
+def reporter_line(result: dict | None) -> str | None:
+    """What the archive's recorded self-check says, for `reprokit run`."""
+    if not isinstance(result, dict):
+        return None
+    if not result.get("ran"):
+        return "reproduced on the reporter's machine after packing: not checked"
+    answer = "yes" if result.get("reproduced") else "NO"
+    equal = ", output bitwise equal" if result.get("output_bitwise_equal") else ""
+    return f"reproduced on the reporter's machine after packing: {answer}{equal}"
+
+
+def stablehlo_outcome(loaded: LoadedArchive) -> dict:
+    """Runs the archive's StableHLO artifact on the record's arrays and returns its outcome."""
+    from reprokit.portable._calling import exception_info, outcome_from_call
+    from reprokit.record import _stablehlo
+
+    meta = loaded.manifest.get("stablehlo")
+    if not isinstance(meta, dict) or "error" in meta or not meta:
+        reason = meta.get("error") if isinstance(meta, dict) else None
+        raise ReplayError(
+            f"this archive has no StableHLO artifact{': ' + str(reason) if reason else ''}"
+        )
+    if loaded.stablehlo is None:
+        raise ReplayError("this archive has no StableHLO artifact")
+    exported = _stablehlo.rebuild_exported(loaded.stablehlo, meta)
+    try:
+        output, final = _stablehlo.call_exported(exported, loaded.record)
+    except ReplayError:
+        raise
+    except Exception as error:
+        return outcome_from_call(None, None, exception_info(error))
+    return outcome_from_call(output, final, None)
+
+
 def replay(
     path: str | os.PathLike,
     *,
@@ -358,8 +339,8 @@ def replay(
     trust_code: bool = False,
 ) -> Verdict:
     """Replays an archive in this process and returns the verdict (`mesh`, `trust_code`: see `load`)."""
-    loaded = load(
-        path, allow_modules=allow_modules, limits=limits, mesh=mesh, trust_code=trust_code
+    loaded = load_archive(
+        path, TrustPolicy.of(allow_modules, trust_code), limits=limits, mesh=mesh
     )
     return replay_loaded(loaded)
 
@@ -402,8 +383,6 @@ def replay_loaded(loaded: LoadedArchive, *, stablehlo: bool = False) -> Verdict:
 
     manifest = loaded.manifest
     if stablehlo:
-        from reprokit.replaying._variants import stablehlo_outcome
-
         replayed = stablehlo_outcome(loaded)
     else:
         replayed = replayed_outcome(loaded)

@@ -29,6 +29,7 @@ import numpy as np
 from reprokit._errors import ReplayError, UsageError
 from reprokit._progress import progress
 from reprokit._workers import WorkerFailed, run_worker
+from reprokit.archive._trust import TrustPolicy
 
 REFERENCES = ("float64", "highest", "eager", "cpu")
 _WORKER_TIMEOUT_S = 600
@@ -158,20 +159,6 @@ def _worker_env(variant: str, loaded) -> dict[str, str] | None:
     return env
 
 
-def _worker_options(allow_modules, trust_code: bool) -> list[str]:
-    """The loader's options for a worker, as command-line arguments."""
-    args = []
-    for module in allow_modules:
-        args += ["--allow-module", module]
-    return args + (["--trust-code"] if trust_code else [])
-
-
-def _parse_worker_options(rest: list[str]) -> dict:
-    """`load` keyword arguments from `_worker_options`' arguments."""
-    allow = tuple(rest[i + 1] for i, arg in enumerate(rest) if arg == "--allow-module")
-    return {"allow_modules": allow, "trust_code": "--trust-code" in rest}
-
-
 def _run_worker(path: str, variant: str, condition: str, options: list[str], env) -> VariantRow:
     started = time.perf_counter()
     args = [str(path), variant, *options]
@@ -186,23 +173,31 @@ def _run_worker(path: str, variant: str, condition: str, options: list[str], env
 
 
 def _worker_main(argv: list[str]) -> int:
-    """`python -m reprokit.replaying._variants ARCHIVE VARIANT [--allow-module M]...`: one row as JSON."""
+    """`python -m reprokit.replaying._variants ARCHIVE VARIANT [TRUST...]`: one row as JSON.
+
+    TRUST is the sweep's `TrustPolicy`, as `TrustPolicy.to_argv` writes it.
+    """
     path, variant, *rest = argv
-    options = _parse_worker_options(rest)
-    from reprokit.replaying._replay import load, recorded_outcome, replayed_outcome
+    from reprokit.replaying._replay import (
+        load_archive,
+        recorded_outcome,
+        replayed_outcome,
+        stablehlo_outcome,
+    )
 
     started = time.perf_counter()
     try:
+        trust = TrustPolicy.from_argv(rest)
         if variant == "x64":
-            loaded = load(path, **options, config_overrides={"jax_enable_x64": True})
+            loaded = load_archive(path, trust, config_overrides={"jax_enable_x64": True})
             replayed = replayed_outcome(loaded, record=upcast_record(loaded.record))
             note = "float64 params and inputs, compared after casting back"
         elif variant == "stablehlo":
-            loaded = load(path, **options)
+            loaded = load_archive(path, trust)
             replayed = stablehlo_outcome(loaded)
             note = ""
         elif variant.startswith("xla-flags-"):
-            loaded = load(path, **options)
+            loaded = load_archive(path, trust)
             replayed = replayed_outcome(loaded)
             note = f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}"
         else:
@@ -228,40 +223,16 @@ def _worker_main(argv: list[str]) -> int:
     return 0
 
 
-def stablehlo_outcome(loaded) -> dict:
-    """Runs the archive's StableHLO artifact on the record's arrays and returns its outcome."""
-    from reprokit.archive import _format
-    from reprokit.archive._container import ArchiveReader
-    from reprokit.portable._calling import exception_info, outcome_from_call
-    from reprokit.record import _stablehlo
-
-    meta = loaded.manifest.get("stablehlo")
-    if not isinstance(meta, dict) or "error" in meta or not meta:
-        reason = meta.get("error") if isinstance(meta, dict) else None
-        raise ReplayError(
-            f"this archive has no StableHLO artifact{': ' + str(reason) if reason else ''}"
-        )
-    with ArchiveReader(loaded.path) as reader:
-        if _format.STABLEHLO not in reader.names:
-            raise ReplayError("this archive has no StableHLO artifact")
-        blob = reader.read_bytes(_format.STABLEHLO)
-    exported = _stablehlo.rebuild_exported(blob, meta)
-    try:
-        output, final = _stablehlo.call_exported(exported, loaded.record)
-    except ReplayError:
-        raise
-    except Exception as error:
-        return outcome_from_call(None, None, exception_info(error))
-    return outcome_from_call(output, final, None)
-
-
 # ------------------------------------------------------------------ public entry points
 
 
 def sweep(
-    path: str, loaded, allow_modules=(), workers: int | None = None, trust_code: bool = False
+    path: str, loaded, trust: TrustPolicy, workers: int | None = None
 ) -> list[VariantRow]:
-    """Replays under every condition; worker conditions run in parallel with in-process ones."""
+    """Replays under every condition; worker conditions run in parallel with in-process ones.
+
+    Worker processes reopen `path` themselves, under the same `trust`.
+    """
     recorded_mode = loaded.manifest["mode"]
     env = loaded.manifest["environment"]
     jobs = [("x64", "x64 on (float64 params)")]
@@ -284,7 +255,7 @@ def sweep(
                 path,
                 variant,
                 condition,
-                _worker_options(allow_modules, trust_code),
+                trust.to_argv(),
                 _worker_env(variant, loaded),
             )
             for variant, condition in jobs
@@ -400,8 +371,11 @@ def _scalar(value) -> Any:
         return str(value)
 
 
-def reference(path: str, loaded, kind: str, allow_modules=(), trust_code: bool = False) -> dict:
-    """Errors of the recorded and the replayed output against a reference computation."""
+def reference(path: str, loaded, kind: str, trust: TrustPolicy) -> dict:
+    """Errors of the recorded and the replayed output against a reference computation.
+
+    The float64 reference runs in a worker process that reopens `path` under `trust`.
+    """
     from reprokit.portable._verdict import compare_leaves
     from reprokit.replaying._replay import recorded_outcome, replayed_outcome
 
@@ -413,7 +387,7 @@ def reference(path: str, loaded, kind: str, allow_modules=(), trust_code: bool =
         )
     replayed = replayed_outcome(loaded)
     if kind == "float64":
-        reference_outcome = _float64_reference(path, _worker_options(allow_modules, trust_code))
+        reference_outcome = _float64_reference(path, trust.to_argv())
     else:
         import jax
 
@@ -496,10 +470,10 @@ def format_reference(report: dict) -> str:
     return "\n".join(lines)
 
 
-def _x64_outputs_main(path: str, target: str, options: dict) -> int:
-    from reprokit.replaying._replay import load, replayed_outcome
+def _x64_outputs_main(path: str, target: str, trust: TrustPolicy) -> int:
+    from reprokit.replaying._replay import load_archive, replayed_outcome
 
-    loaded = load(path, **options, config_overrides={"jax_enable_x64": True})
+    loaded = load_archive(path, trust, config_overrides={"jax_enable_x64": True})
     outcome = replayed_outcome(loaded, record=upcast_record(loaded.record))
     if outcome["exception"] is not None:
         print(
@@ -517,5 +491,5 @@ def _x64_outputs_main(path: str, target: str, options: dict) -> int:
 if __name__ == "__main__":
     args = sys.argv[1:]
     if len(args) >= 3 and args[1] == "x64-outputs":
-        sys.exit(_x64_outputs_main(args[0], args[2], _parse_worker_options(args[3:])))
+        sys.exit(_x64_outputs_main(args[0], args[2], TrustPolicy.from_argv(args[3:])))
     sys.exit(_worker_main(args))

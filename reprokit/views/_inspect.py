@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from reprokit.archive import _format
+from reprokit.archive import _format, _grammar
 from reprokit.record._encoding import TAG
 
 _MAX_OUTLINE_LINES = 400
@@ -169,27 +169,7 @@ def walk_encoded(node: Any, path: str) -> Iterator[tuple[str, Any]]:
     Paths read like Python: `.field`, `[index]`, `['key']`, so a maintainer
     can find the value in the rebuilt record or in `replay.py`.
     """
-    stack = [(path, node)]
-    while stack:
-        where, item = stack.pop()
-        yield where, item
-        children: list[tuple[str, Any]] = []
-        if isinstance(item, list):
-            children = [(f"{where}[{i}]", v) for i, v in enumerate(item)]
-        elif isinstance(item, dict):
-            tag = item.get(TAG)
-            if tag == "obj":
-                children = [(f"{where}.{name}", v) for name, v in item["f"]]
-            elif tag == "tuple":
-                children = [(f"{where}[{i}]", v) for i, v in enumerate(item["v"])]
-            elif tag in ("dict", "odict"):
-                children = [(f"{where}[{k!r}]", v) for k, v in item["v"]]
-            elif tag == "partial":
-                children = [(f"{where}.func", item["fn"])]
-                children += [(f"{where}.args[{i}]", v) for i, v in enumerate(item["args"])]
-                children += [(f"{where}.keywords[{k!r}]", v) for k, v in item["kw"]]
-        # Reversed so that the stack yields children in their written order.
-        stack.extend(reversed(children))
+    return _grammar.walk(node, path)
 
 
 def array_paths(record: dict) -> dict[int, str]:
@@ -485,13 +465,14 @@ def write_html(
     archive: str | os.PathLike,
     out: str | os.PathLike,
     *,
-    allow_modules: tuple[str, ...] | list[str] = (),
+    trust: Any = None,
     limits: Any = None,
-    trust_code: bool = False,
 ) -> int:
     """Rebuilds `archive` (allow-listed, nothing called) and writes its HTML view to `out`.
 
-    `trust_code` imports the code the archive bundles, as `reprokit run
+    `trust` (a `reprokit.archive._trust.TrustPolicy`; default: nothing
+    beyond the allow-list) names the maintainer's modules and, with
+    `trust_code`, imports the code the archive bundles, as `reprokit run
     --trust-code` does; it runs with your permissions.
 
     Returns the size of the written file in bytes. The file is written
@@ -499,17 +480,16 @@ def write_html(
 
     Raises:
       ArchiveError: the archive is invalid, or names a type outside the
-        allow-list plus `allow_modules`.
+        allow-list plus `trust.modules`.
       UsageError: `out` cannot be written.
     """
     import hashlib
 
     from reprokit._errors import UsageError
-    from reprokit.replaying._replay import load
+    from reprokit.archive._trust import TrustPolicy
+    from reprokit.replaying._replay import load_archive
 
-    loaded = load(
-        archive, allow_modules=tuple(allow_modules), limits=limits, trust_code=trust_code
-    )
+    loaded = load_archive(archive, trust or TrustPolicy(), limits=limits)
     digest = hashlib.sha256()
     with open(archive, "rb") as file:
         for block in iter(lambda: file.read(1 << 20), b""):

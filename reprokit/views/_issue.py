@@ -67,29 +67,34 @@ def _named_array_text(node: dict, arrays: list[dict]) -> str | None:
 
 
 def input_descriptions(structure: dict) -> list[str]:
-    """One line per array in the call's argument and side inputs: path and shape."""
-    from reprokit.views._inspect import walk_encoded
+    """One line per array in the call's argument and side inputs: path and shape.
+
+    Linear in the tree: a NamedArray is described whole, and its children are
+    never visited (so thousands of NamedArray leaves cost no more than arrays).
+    """
+    from reprokit.archive._grammar import children
 
     arrays = structure["arrays"]
     lines: list[str] = []
     for part in ("argument", "side_inputs"):
         if part not in structure["record"]:
             continue
-        skip: list[str] = []
-        for where, node in walk_encoded(structure["record"][part], part):
-            if any(where.startswith(prefix) for prefix in skip):
-                continue
-            if not isinstance(node, dict):
-                continue
-            if node.get(TAG) == "obj" and node.get("type") == _NAMED_ARRAY:
-                text = _named_array_text(node, arrays)
-                if text is not None:
-                    lines.append(f"{where}: {text}")
-                    skip.append(where + ".")
-            elif node.get(TAG) == "array":
-                index = node.get("i")
-                if isinstance(index, int) and 0 <= index < len(arrays):
-                    lines.append(f"{where}: {_array_text(arrays[index])}")
+        stack = [(part, structure["record"][part])]
+        while stack:
+            where, node = stack.pop()
+            if isinstance(node, dict):
+                if node.get(TAG) == "obj" and node.get("type") == _NAMED_ARRAY:
+                    text = _named_array_text(node, arrays)
+                    if text is not None:
+                        lines.append(f"{where}: {text}")
+                        continue
+                elif node.get(TAG) == "array":
+                    index = node.get("i")
+                    if isinstance(index, int) and 0 <= index < len(arrays):
+                        lines.append(f"{where}: {_array_text(arrays[index])}")
+                    continue
+            # Reversed so that lines come out in the tree's written order.
+            stack.extend(reversed(children(node, where)))
     if len(lines) > _MAX_INPUT_LINES:
         lines = lines[:_MAX_INPUT_LINES] + [f"... {len(lines) - _MAX_INPUT_LINES} more arrays"]
     return lines or ["(no arrays)"]
@@ -193,7 +198,7 @@ def issue_text(
     archive may hold, as for `reprokit run`. Archives larger than `hash_limit`
     get no sha256 (None), which `reprokit issue` and `verify` print on demand.
     """
-    from reprokit.replaying._replay import open_archive
+    from reprokit.archive._open import open_archive
 
     opened = open_archive(archive, limits)
     try:
@@ -218,12 +223,38 @@ def issue_text(
     }
 
 
-def write_issue_snippet(archive: str | os.PathLike) -> str:
-    """Writes `NAME.issue.md` next to `archive` (atomically) and returns its path."""
+def _file_sha256(path: str) -> str:
+    """The SHA-256 of a file as hex, read in chunks (as `ArchiveReader.sha256` computes it)."""
+    import hashlib
+
+    with open(path, "rb") as file:
+        return hashlib.file_digest(file, "sha256").hexdigest()
+
+
+def write_issue_snippet(
+    archive: str | os.PathLike, *, manifest: dict | None = None, structure: dict | None = None
+) -> str:
+    """Writes `NAME.issue.md` next to `archive` (atomically) and returns its path.
+
+    `pack` passes the `manifest` and `structure` it has just written, so the
+    snippet is rendered without reopening the archive; without them the
+    archive is opened and validated (`issue_text`).
+    """
     from reprokit._errors import CaptureError
 
     path = issue_path_for(archive)
-    text = issue_text(archive, hash_limit=_PACK_TIME_HASH_LIMIT)["markdown"]
+    if manifest is None or structure is None:
+        text = issue_text(archive, hash_limit=_PACK_TIME_HASH_LIMIT)["markdown"]
+    else:
+        archive = os.fspath(archive)
+        size = os.path.getsize(archive)
+        text = render_issue(
+            manifest,
+            structure,
+            archive_name=os.path.basename(archive),
+            archive_size=size,
+            sha256=None if size > _PACK_TIME_HASH_LIMIT else _file_sha256(archive),
+        )
     temp = f"{path}.{os.getpid()}.tmp"
     try:
         with open(temp, "w", encoding="utf-8") as file:

@@ -12,6 +12,7 @@ inside the wheel as `reprokit/templates/`.
 
 from __future__ import annotations
 
+import ast
 import functools
 import math
 import os
@@ -22,7 +23,15 @@ from typing import Any
 from reprokit.archive import _format
 from reprokit.record._encoding import TAG
 
-_EMBEDDED_MODULES = ("_arrays.py", "_verdict.py", "_calling.py", "_jax_config.py")
+# The library code embedded into every replay.py, in dependency order: the
+# descriptor checks (archive layer, no jax), then the portable package.
+EMBEDDED_MODULES = (
+    "archive/_descriptors.py",
+    "portable/_arrays.py",
+    "portable/_verdict.py",
+    "portable/_calling.py",
+    "portable/_jax_config.py",
+)
 _INDENT = "    "
 _INLINE_WIDTH = 88
 
@@ -55,15 +64,31 @@ def _environment():
     return env
 
 
-def _embedded_source(filename: str) -> str:
-    text = (Path(__file__).resolve().parents[1] / "portable" / filename).read_text()
-    lines = [
-        line
-        for line in text.splitlines()
-        if not line.startswith("from __future__")
-        and not line.rstrip().endswith("# replay.py: same namespace")
-    ]
-    return f"# ---- embedded from reprokit/portable/{filename} ----\n" + "\n".join(lines).strip() + "\n"
+def _embedded_source(relative: str) -> str:
+    """A module's source for `replay.py`: its imports of reprokit dropped, one shared namespace.
+
+    The embedded modules import each other by package path inside reprokit;
+    in the script they sit side by side, so those imports (and `from
+    __future__`) are removed by parsing, not by pattern, wherever they are.
+    """
+    text = (Path(__file__).resolve().parents[1] / relative).read_text()
+    dropped: set[int] = set()
+    for node in ast.walk(ast.parse(text)):
+        if isinstance(node, ast.ImportFrom) and (
+            node.module == "__future__" or (node.module or "").split(".")[0] == "reprokit"
+        ):
+            dropped.update(range(node.lineno, node.end_lineno + 1))
+        elif isinstance(node, ast.Import) and any(
+            alias.name.split(".")[0] == "reprokit" for alias in node.names
+        ):
+            dropped.update(range(node.lineno, node.end_lineno + 1))
+    lines = [line for number, line in enumerate(text.splitlines(), 1) if number not in dropped]
+    return f"# ---- embedded from reprokit/{relative} ----\n" + "\n".join(lines).strip() + "\n"
+
+
+def embedded_sources() -> list[str]:
+    """The library code `replay.py` carries, in dependency order."""
+    return [_embedded_source(relative) for relative in EMBEDDED_MODULES]
 
 
 def render_replay_script(manifest: dict, tree: dict) -> str:
@@ -81,7 +106,9 @@ def render_replay_script(manifest: dict, tree: dict) -> str:
             arrays=tree["arrays"],
             parts=parts,
             imports=sorted(writer.imports),
-            embedded=[_embedded_source(name) for name in _EMBEDDED_MODULES],
+            needs_flax=needs_flax(tree),
+            flax_message=_flax_message(manifest),
+            embedded=embedded_sources(),
         )
     )
 
@@ -116,14 +143,36 @@ def render_issue_text(**context: Any) -> str:
     return _environment().get_template("issue.md.j2").render(**context)
 
 
-def render_requirements(manifest: dict) -> str:
-    """Pinned versions of what `replay.py` needs, as recorded."""
+def _flax_message(manifest: dict) -> str:
+    version = manifest["environment"].get("packages", {}).get("flax")
+    if not (isinstance(version, str) and re.fullmatch(r"[0-9A-Za-z.+!-]{1,40}", version)):
+        version = None
+    wanted = f"flax {version}" if version else "flax"
+    pin = f"flax=={version}" if version else "flax"
+    return f"this archive needs {wanted}, which is not installed here: pip install {pin!r}"
+
+
+def needs_flax(tree: dict) -> bool:
+    """Whether an encoded structure names Flax (or penzai's Flax bridge), so replaying needs flax."""
+    from reprokit.archive._grammar import named
+
+    return any(
+        name.startswith(("flax.", "penzai.toolshed.unflaxify:"))
+        for part in tree["record"].values()
+        for name in named(part)
+    )
+
+
+def render_requirements(manifest: dict, tree: dict | None = None) -> str:
+    """Pinned versions of what `replay.py` needs, as recorded (flax too when `tree` names it)."""
     packages = manifest["environment"].get("packages", {})
     lines = [
         f"{name}=={packages[name]}"
         for name in ("jax", "jaxlib", "penzai", "numpy", "ml_dtypes")
         if packages.get(name)
     ]
+    if tree is not None and needs_flax(tree):
+        lines.append(f"flax=={packages['flax']}" if packages.get("flax") else "flax")
     if (manifest.get("multiprocess") or {}).get("checkpoint"):
         lines.append("tensorstore")  # reads the multi-process capture's checkpoint/
     return "\n".join(lines) + "\n"
@@ -201,6 +250,15 @@ class _PythonWriter:
             return "slice(" + ", ".join(self._emit(v, level + 1) for v in node["v"]) + ")"
         if tag == "complex":
             return f"complex({_float(node['v'][0])}, {_float(node['v'][1])})"
+        if tag == "frozenset":
+            if not node["v"]:
+                return "frozenset()"
+            items = [self._emit(v, level + 1) for v in node["v"]]
+            return "frozenset(" + self._sequence("{", "}", items, level) + ")"
+        if tag == "initializer":
+            factory = self._name(node["factory"])
+            args = [f"{k}={self._emit(v, level + 1)}" for k, v in node["kw"]]
+            return self._sequence(f"{factory}(", ")", args, level)
         raise ValueError(f"cannot write node kind {tag!r} as Python")
 
     def _name(self, name: str) -> str:

@@ -1,0 +1,186 @@
+"""The grammar of an encoded record, defined once: node kinds, their keys, their children.
+
+`structure.msgpack` holds a tree of plain msgpack values in which every
+non-plain node is a small map tagged by `"$t"`. Four parts of reprokit read
+that tree without rebuilding it: `verify` (every key checked, nothing
+imported), `inspect` (paths to arrays), pack (which user modules a record
+names) and bundling (which names a bundle must provide); the encoder writes
+it and the decoder reads it. If each of them spelled the grammar itself, an
+archive could say one thing to `verify` and another to the loader. So the
+node kinds, their exact keys, how to reach a node's children and which
+class or function a node names all live here, and everything else asks.
+
+Parsing is bounded here too: msgpack's own limits cap every string and
+container before the tree exists.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import msgpack
+
+from reprokit._errors import ArchiveError
+
+TAG = "$t"
+MAX_DEPTH = 200
+MAX_STRING = 1 << 20
+MAX_NODES = 5_000_000
+
+# The keys each node kind has, exactly as the encoder writes them. Anything
+# else (a stray key, a missing one) is refused by `verify`: a decoder that
+# ignored extra keys would let an archive say different things to different
+# readers.
+NODE_KEYS: dict[str, frozenset[str]] = {
+    tag: frozenset({TAG, *keys})
+    for tag, keys in {
+        "tuple": ("v",),
+        "dict": ("v",),
+        "odict": ("v",),
+        "int": ("v",),
+        "array": ("i",),
+        "scalar": ("dtype", "v"),
+        "obj": ("type", "f"),
+        "enum": ("type", "name"),
+        "fn": ("name",),
+        "partial": ("fn", "args", "kw"),
+        "type": ("name",),
+        "jnp_type": ("name",),
+        "np_type": ("name",),
+        "dtype": ("name",),
+        "builtin_type": ("name",),
+        "slice": ("v",),
+        "complex": ("v",),
+        "frozenset": ("v",),
+        # A reviewed `jax.nn.initializers` factory called with keyword
+        # arguments: how an initializer closure (`lecun_normal()`) is recorded.
+        "initializer": ("factory", "kw"),
+    }.items()
+}
+
+# Node kinds that name a class (`module:qualname`) and the key holding it.
+_CLASS_NAME_KEY = {"obj": "type", "enum": "type", "type": "name"}
+_FUNCTION_NAME_KEY = {"fn": "name", "initializer": "factory"}
+
+
+def children(node: Any, where: str = "") -> list[tuple[str, Any]]:
+    """A node's children with Python-like paths (`.field`, `[i]`, `['key']`), in written order.
+
+    Assumes the node has the keys its kind requires (`verify` checks that
+    first on untrusted trees); plain values have no children.
+    """
+    if isinstance(node, list):
+        return [(f"{where}[{i}]", item) for i, item in enumerate(node)]
+    if not isinstance(node, dict):
+        return []
+    tag = node.get(TAG)
+    if tag in ("tuple", "slice", "complex"):
+        return [(f"{where}[{i}]", item) for i, item in enumerate(node["v"])]
+    if tag == "frozenset":
+        return [(f"{where}<item {i}>", item) for i, item in enumerate(node["v"])]
+    if tag == "initializer":
+        return [(f"{where}.{name}", value) for name, value in node["kw"]]
+    if tag in ("dict", "odict"):
+        found = []
+        for i, (key, value) in enumerate(node["v"]):
+            if _plain_key(key):
+                found.append((f"{where}[{key!r}]", value))
+            else:
+                # An encoded key (a tuple, an enum) is a node too, and may name a class.
+                found.append((f"{where}.keys()[{i}]", key))
+                found.append((f"{where}[<key {i}>]", value))
+        return found
+    if tag == "obj":
+        return [(f"{where}.{name}", value) for name, value in node["f"]]
+    if tag == "partial":
+        return (
+            [(f"{where}.func", node["fn"])]
+            + [(f"{where}.args[{i}]", arg) for i, arg in enumerate(node["args"])]
+            + [(f"{where}.keywords[{name!r}]", value) for name, value in node["kw"]]
+        )
+    return []
+
+
+def child_nodes(node: Any) -> list[Any]:
+    """A node's children without paths (the cheap form of `children`, for checks over big trees)."""
+    if isinstance(node, list):
+        return node
+    if not isinstance(node, dict):
+        return []
+    tag = node.get(TAG)
+    if tag in ("tuple", "slice", "complex", "frozenset"):
+        return node["v"]
+    if tag == "initializer":
+        return [value for _, value in node["kw"]]
+    if tag in ("dict", "odict"):
+        return [item for pair in node["v"] for item in pair]
+    if tag == "obj":
+        return [value for _, value in node["f"]]
+    if tag == "partial":
+        return [node["fn"], *node["args"], *(value for _, value in node["kw"])]
+    return []
+
+
+def _plain_key(key: Any) -> bool:
+    return key is None or isinstance(key, (bool, int, float, str))
+
+
+def walk(root: Any, where: str = "") -> Iterator[tuple[str, Any]]:
+    """Yields (path, node) for every node of an encoded tree, parents before children.
+
+    Iterative, so a deep tree cannot exhaust the stack: depth is data.
+    """
+    stack = [(where, root)]
+    while stack:
+        path, node = stack.pop()
+        yield path, node
+        # Reversed so that the stack yields children in their written order.
+        stack.extend(reversed(children(node, path)))
+
+
+def named_class(node: Any) -> str | None:
+    """The `module:qualname` of the class a node names, if it names one."""
+    key = _CLASS_NAME_KEY.get(node.get(TAG)) if isinstance(node, dict) else None
+    name = node.get(key) if key else None
+    return name if isinstance(name, str) else None
+
+
+def named_function(node: Any) -> str | None:
+    """The `module:qualname` of the function a node names, if it names one."""
+    key = _FUNCTION_NAME_KEY.get(node.get(TAG)) if isinstance(node, dict) else None
+    name = node.get(key) if key else None
+    return name if isinstance(name, str) else None
+
+
+def named(tree: Any) -> Iterator[str]:
+    """Every class and function name (`module:qualname`) a tree names, in walk order."""
+    for _, node in walk(tree):
+        name = named_class(node) or named_function(node)
+        if name is not None:
+            yield name
+
+
+def pack_bytes(node: Any) -> bytes:
+    """Serialises encoded data with msgpack (bin type for bytes, no extension types)."""
+    return msgpack.packb(node, use_bin_type=True, strict_types=False)
+
+
+def unpack_bytes(data: bytes) -> Any:
+    """Parses msgpack with every size bounded; refuses extension types and non-string map keys."""
+    try:
+        return msgpack.unpackb(
+            data,
+            raw=False,
+            strict_map_key=True,
+            use_list=True,
+            max_str_len=MAX_STRING,
+            max_bin_len=MAX_STRING,
+            max_array_len=MAX_NODES,
+            max_map_len=MAX_NODES,
+            max_ext_len=0,
+        )
+    except RecursionError:
+        raise ArchiveError("structure is nested too deeply") from None
+    except Exception as error:  # msgpack raises many types for bad input
+        raise ArchiveError(f"structure is not valid msgpack ({type(error).__name__})") from None
