@@ -55,6 +55,8 @@ _CORE_PACKAGES = (
     "msgpack",
     "treescope",
     "reprokit",
+    # Optional (`reprokit[flax]`), but a Flax model's numerics depend on it.
+    "flax",
 )
 # Accelerator plugins ship their own copy of XLA, so their versions matter for
 # GPU/TPU bugs; reported only when installed to keep CPU snapshots short.
