@@ -20,7 +20,7 @@ from reprokit.archive._container import Limits
 from reprokit.archive._open import OpenedArchive, open_archive  # noqa: F401 (re-exported)
 from reprokit.archive._structure import RECORD_PARTS, check_structure  # noqa: F401 (re-exported)
 from reprokit.archive._trust import TrustPolicy
-from reprokit.record import _bundle
+from reprokit.record import _bundle, _flax
 from reprokit.record._encoding import decode_tree
 from reprokit.replaying._checkpoint import CheckpointArrays
 
@@ -94,6 +94,7 @@ def load_archive(
         opened = open_archive(source, limits, allow_modules=trust.modules)
     try:
         _check_memory(opened.structure["arrays"])
+        _flax.require_flax(opened.structure, opened.manifest)
         with _bundle.admitted(opened, trust) as allowed:
             return _decode(opened, AllowList(allowed), config_overrides or {}, mesh)
     finally:
