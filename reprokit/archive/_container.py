@@ -999,6 +999,14 @@ class ArchiveReader:
         # this reader all find the end record by scanning from the end, so a
         # comment, or a signature inside the end record itself, can hand
         # each of them a different directory.
+        earlier = tail.rfind(signature, 0, position)
+        while earlier >= 0 and not comment_length:
+            # An end record whose comment runs to the end of the file, holding
+            # this one: readers that take the first record see another archive.
+            if earlier + _EOCD.size <= len(tail):
+                if earlier + _EOCD.size + _U16.unpack_from(tail, earlier + 20)[0] == len(tail):
+                    comment_length = len(tail) - earlier - _EOCD.size
+            earlier = tail.rfind(signature, 0, earlier)
         if comment_length:
             raise ArchiveError(
                 "archive has a comment after its end record, which reprokit never writes "

@@ -700,3 +700,193 @@ for _name in BASE_MEMBERS:
 CASES_CONTROL: dict[str, Builder] = {
     "elementwise-relu": _with_layer_before(_elementwise(_fn("jax.nn:relu"))),
 }
+
+
+# ------------------------------------------------------------------ one reading of the zip (class 1)
+# Archives that zipfile, unzip and reprokit would read differently; all are
+# refused (test_one_reading.py also checks that whatever is accepted reads
+# the same in all three).
+
+
+def _shift_offsets(data: bytes, at: int, by: int) -> bytes:
+    """Patches a small zip's central directory and end record for `by` bytes inserted at `at`."""
+    patches = []
+    for _, cd, local in _entries(data):
+        if local >= at:
+            patches.append((cd + 42, "<I", local + by))
+    eocd = data.rindex(b"PK\x05\x06")
+    (cd_offset,) = struct.unpack_from("<I", data, eocd + 16)
+    patches.append((eocd + 16, "<I", cd_offset + by))
+    return _patch(data, patches)
+
+
+def _insert(data: bytes, at: int, blob: bytes) -> bytes:
+    shifted = _shift_offsets(data, at, len(blob))
+    return shifted[:at] + blob + shifted[at:]
+
+
+_HIDDEN_SCRIPT = b"import os; os.system('touch reprokit-pwned')\n"
+
+
+def _hidden_zip(name: str = "replay.py") -> bytes:
+    return write_members([Member(name, _HIDDEN_SCRIPT)])
+
+
+@case("zip-comment-holds-second-archive", "comment")
+def _comment_archive(data: bytes, members: list[Member]) -> bytes:
+    # A whole second archive in the comment: readers that scan the tail for
+    # the last end record signature find the hidden one.
+    data = write_members(members)
+    hidden = _hidden_zip()
+    return data[:-2] + struct.pack("<H", len(hidden)) + hidden
+
+
+@case("zip-comment-plain", "comment")
+def _comment_plain(data: bytes, members: list[Member]) -> bytes:
+    data = write_members(members)
+    return data[:-2] + struct.pack("<H", 5) + b"hello"
+
+
+@case("zip-gap-hides-a-member", "belong to no member")
+def _gap(data: bytes, members: list[Member]) -> bytes:
+    data = write_members(members)
+    second = sorted(local for _, _, local in _entries(data))[1]
+    return _insert(data, second, _hidden_zip()[: _hidden_zip().index(b"PK\x01\x02")])
+
+
+@case("zip-prepended-archive-offsets-fixed", "before the first member")
+def _prepended(data: bytes, members: list[Member]) -> bytes:
+    return _insert(write_members(members), 0, _hidden_zip())
+
+
+@case("zip-after-last-member", "between its last member")
+def _after_last(data: bytes, members: list[Member]) -> bytes:
+    data = write_members(members)
+    eocd = data.rindex(b"PK\x05\x06")
+    (cd_offset,) = struct.unpack_from("<I", data, eocd + 16)
+    blob = b"\0" * 64
+    data = _patch(data, [(eocd + 16, "<I", cd_offset + len(blob))])
+    return data[:cd_offset] + blob + data[cd_offset:]
+
+
+case("zip-trailing-bytes", "")(lambda data, members: write_members(members) + b"\0" * 10)
+
+
+def _with_extra(name: str, extra: bytes) -> Builder:
+    def build(data: bytes, members: list[Member]) -> bytes:
+        buffer = io.BytesIO()
+        with zipfile.ZipFile(buffer, "w") as archive:
+            for member in members:
+                info = zipfile.ZipInfo(member.name, date_time=(1980, 1, 1, 0, 0, 0))
+                info.external_attr = (stat.S_IFREG | 0o644) << 16
+                info.compress_type = zipfile.ZIP_DEFLATED if member.compress else zipfile.ZIP_STORED
+                if member.name == name:
+                    info.extra = extra
+                archive.writestr(info, member.data)
+        return buffer.getvalue()
+
+    return build
+
+
+def _unicode_path(new_name: str, old_name: str) -> bytes:
+    body = b"\x01" + struct.pack("<I", zipfile.crc32(old_name.encode())) + new_name.encode()
+    return struct.pack("<HH", 0x7075, len(body)) + body
+
+
+# unzip names the member "evil.py"; zipfile and reprokit "README.md".
+case("zip-unicode-path-renames", "Unicode Path")(
+    _with_extra("README.md", _unicode_path("evil.py", "README.md"))
+)
+case("zip-timestamp-extra", "timestamp")(
+    _with_extra("README.md", struct.pack("<HHB", 0x5455, 1, 0))
+)
+case("zip-unknown-extra", "extra field of type")(
+    _with_extra("README.md", struct.pack("<HH", 0xCAFE, 2) + b"\0\0")
+)
+
+
+def _patch_member(member_name: str, *, central: list[tuple[int, str, int]] = (), local=()):
+    """Patches fields of one member's central record and/or local header (offsets within them)."""
+
+    def build(data: bytes, members: list[Member]) -> bytes:
+        data = write_members(members)
+        patches = []
+        for name, cd, header in _entries(data):
+            if name == member_name:
+                patches += [(cd + at, fmt, value) for at, fmt, value in central]
+                patches += [(header + at, fmt, value) for at, fmt, value in local]
+        return _patch(data, patches)
+
+    return build
+
+
+case("zip-local-time-differs", "disagree")(_patch_member("README.md", local=[(10, "<H", 0x6000)]))
+case("zip-local-version-differs", "disagree")(_patch_member("README.md", local=[(4, "<H", 45)]))
+case("zip-local-utf8-flag-only", "disagree")(
+    _patch_member("README.md", local=[(6, "<H", 0x0800)])
+)
+case("zip-data-descriptor", "data descriptor")(
+    _patch_member("README.md", central=[(8, "<H", 0x0008)], local=[(6, "<H", 0x0008)])
+)
+case("zip-utf8-flag-on-ascii", "flags")(
+    _patch_member("README.md", central=[(8, "<H", 0x0800)], local=[(6, "<H", 0x0800)])
+)
+
+
+@case("zip-member-comment", "comment")
+def _member_comment(data: bytes, members: list[Member]) -> bytes:
+    data = write_members(members)
+    name, cd, _ = _entries(data)[-1]
+    name_length, extra_length = struct.unpack_from("<HH", data, cd + 28)
+    end = cd + 46 + name_length + extra_length
+    eocd = data.rindex(b"PK\x05\x06")
+    (cd_size,) = struct.unpack_from("<I", data, eocd + 12)
+    data = _patch(data, [(cd + 32, "<H", 4), (eocd + 12, "<I", cd_size + 4)])
+    return data[:end] + b"note" + data[end:]
+
+case("zip-internal-attributes", "internal attributes")(
+    _patch_member("README.md", central=[(36, "<H", 1)])
+)
+case("zip-executable-member", "mode")(
+    _patch_member("replay.py", central=[(38, "<I", (stat.S_IFREG | 0o755) << 16)])
+)
+
+
+@case("zip-cp437-name-without-utf8-flag", "flags")
+def _cp437(data: bytes, members: list[Member]) -> bytes:
+    # zipfile reads these bytes as cp437, other readers as UTF-8 or the locale's charset.
+    name = "arrays/\u00e9.bin"
+    data = write_members([*members, Member(name, b"x")])
+    patches = []
+    for entry_name, cd, header in _entries(data):
+        if entry_name == name:
+            patches += [(cd + 8, "<H", 0), (header + 6, "<H", 0)]
+    return _patch(data, patches)
+
+
+@case("zip-locator-signature-before-end-record", "ZIP64")
+def _locator(data: bytes, members: list[Member]) -> bytes:
+    # A ZIP64 locator pointing at a second, hidden directory, placed right
+    # before a classic end record whose own fields are consistent: zipfile
+    # follows the locator, a reader that trusts the classic fields does not.
+    data = write_members(members)
+    eocd = data.rindex(b"PK\x05\x06")
+    count, cd_size, cd_offset = struct.unpack_from("<HII", data, eocd + 10)
+    fake = struct.pack("<IIQI", 0x07064B50, 0, 0, 1)
+    data = _patch(data, [(eocd + 12, "<I", cd_size + len(fake))])
+    return data[:eocd] + fake + data[eocd:]
+
+
+@case("zip-alignment-padding-carries-bytes", "alignment padding")
+def _alignment_bytes(data: bytes, members: list[Member]) -> bytes:
+    # The packed base (not rewritten by zipfile) pads its arrays with the
+    # alignment field; its padding must be zeros.
+    for name, _, header in _entries(data):
+        if name.startswith("arrays/"):
+            name_length, extra_length = struct.unpack_from("<HH", data, header + 26)
+            extra = header + 30 + name_length
+            kind, length = struct.unpack_from("<HH", data, extra)
+            if kind == 0xD935 and length > 2:
+                at = extra + 6
+                return data[:at] + b"X" + data[at + 1 :]
+    raise Absent("aligned array")
