@@ -155,7 +155,7 @@ def fill_special(case: Case, pattern: str) -> Case:
 
 def record_arrays(record: Any) -> list[np.ndarray]:
     """Every array leaf of a captured call, as numpy views of its bytes (keys as key data)."""
-    from reprokit.capture._pack import _record_parts
+    from reprokit.capture._write import _record_parts
     from reprokit.portable._arrays import describe
 
     seen: dict[int, np.ndarray] = {}

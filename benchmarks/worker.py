@@ -186,24 +186,20 @@ def _write_path(capture: Any, record: Any, out: str, stablehlo: tuple) -> Any:
     """`write_archive` with the StableHLO export given: encode, environment, manifest,
     archive stream, fsync, rename. (`pack` then also writes the issue snippet, timed apart.)
     """
-    from reprokit.capture import _pack
-    from reprokit.record import _stablehlo
+    from reprokit.capture._options import PackOptions
+    from reprokit.capture._write import write_archive
 
-    real = _stablehlo.export_layer
-    _stablehlo.export_layer = lambda parts: (stablehlo[0], dict(stablehlo[1]))
-    try:
-        result = _pack.write_archive(
-            record,
-            out=out,
-            keypath=capture.keypath,
-            layer_type=capture.layer_type,
-            mode=capture.mode,
-            call_count=len(capture.calls),
-            check=False,
-        )
-    finally:
-        _stablehlo.export_layer = real
-    return result
+    return write_archive(
+        record,
+        out=out,
+        keypath=capture.keypath,
+        layer_type=capture.layer_type,
+        mode=capture.mode,
+        call_count=len(capture.calls),
+        options=PackOptions(check=False),
+        stablehlo=stablehlo,
+        issue_snippet=False,
+    )
 
 
 # ------------------------------------------------------------ tasks
@@ -234,15 +230,16 @@ def task_write(args: dict) -> dict:
 
     import reprokit
     from benchmarks.models import build_case, record_arrays
-    from reprokit.capture import _pack
-    from reprokit.record import _stablehlo
+    from reprokit.archive._grammar import unpack_bytes
+    from reprokit.capture import _write
+    from reprokit.record import _encoding, _stablehlo
     from reprokit.views._issue import write_issue_snippet
 
     folder, reps = args["dir"], args["repeats"]
     started = time.perf_counter()
     case = build_case(args["bytes"])
     capture, record = _capture(case)
-    parts = _pack._record_parts(record)
+    parts = _write._record_parts(record)
     arrays = record_arrays(record)
     nbytes = sum(a.nbytes for a in arrays)
     _log(f"built {case.name}: {len(arrays)} arrays, {nbytes / 2**20:.1f} MiB")
@@ -271,7 +268,7 @@ def task_write(args: dict) -> dict:
     with zipfile.ZipFile(paths["pack"]) as archive:
         manifest = json_module.loads(archive.read("manifest.json"))
     encoded_arrays: list[Any] = []
-    tree = _pack._encode_record(record, encoded_arrays, ())
+    tree = _write._encode_record(record, encoded_arrays, ())
     stablehlo = _stablehlo.export_layer(parts)
     stablehlo_bytes = stablehlo[0]
 
@@ -279,7 +276,7 @@ def task_write(args: dict) -> dict:
         "raw": lambda: raw_write(paths["raw"], arrays),
         "pack": do_pack,
         "write_path": lambda: _write_path(capture, record, paths["write_path"], stablehlo),
-        "stream": lambda: _pack._write(
+        "stream": lambda: _write._write(
             paths["stream"], manifest, tree, encoded_arrays, stablehlo_bytes, None
         ),
     }
@@ -324,14 +321,19 @@ def task_write(args: dict) -> dict:
         fresh = _first_record(case)
         breakdown["capture"].append(time.perf_counter() - start)
         start = time.perf_counter()
-        _pack._encode_record(fresh, [], ())
+        _write._encode_record(fresh, [], ())
         breakdown["encode"].append(time.perf_counter() - start)
         start = time.perf_counter()
-        _stablehlo.export_layer(_pack._record_parts(fresh))
+        _stablehlo.export_layer(_write._record_parts(fresh))
         breakdown["stablehlo"].append(time.perf_counter() - start)
-        # pack's last step: NAME.issue.md, which holds the archive's sha256.
+        # pack's last step: NAME.issue.md, which holds the archive's sha256,
+        # rendered from the manifest and structure pack holds (no reopening).
         start = time.perf_counter()
-        write_issue_snippet(paths["pack"])
+        write_issue_snippet(
+            paths["pack"],
+            manifest=manifest,
+            structure=unpack_bytes(_encoding.pack_bytes(tree)),
+        )
         breakdown["issue_snippet"].append(time.perf_counter() - start)
         del fresh
         _log(
@@ -449,7 +451,7 @@ def task_leaves(args: dict) -> dict:
 
     import reprokit
     from benchmarks.models import build_leafy, record_arrays
-    from reprokit.capture import _pack
+    from reprokit.capture import _write
     from reprokit.record import _stablehlo
 
     folder = args["dir"]
@@ -458,7 +460,7 @@ def task_leaves(args: dict) -> dict:
         case = _leafy_identity(count)
         record = _first_record(case)
         arrays = record_arrays(record)
-        parts = _pack._record_parts(record)
+        parts = _write._record_parts(record)
         layout = [a.nbytes for a in arrays]
         paths = {
             "pack": os.path.join(folder, f"leaves{count}.repro.zip"),
@@ -538,7 +540,7 @@ def _compress_row(pattern: str, case: Any, folder: str) -> dict:
 
     import reprokit
     from benchmarks.models import record_arrays
-    from reprokit.capture import _pack, _redact
+    from reprokit.capture import _redact, _write
     from reprokit.record import _stablehlo
 
     _, record = _capture(case)
@@ -584,19 +586,19 @@ def _compress_row(pattern: str, case: Any, folder: str) -> dict:
 
     with zipfile.ZipFile(paths["plain"]) as archive:
         manifest = json_module.loads(archive.read("manifest.json"))
-    stablehlo = _stablehlo.export_layer(_pack._record_parts(record))[0]
+    stablehlo = _stablehlo.export_layer(_write._record_parts(record))[0]
     plain_arrays: list[Any] = []
-    plain_tree = _pack._encode_record(record, plain_arrays, ())
+    plain_tree = _write._encode_record(record, plain_arrays, ())
     fit_arrays: list[Any] = []
-    fit_tree = _pack._encode_record(record, fit_arrays, (), all_fills=True)
+    fit_tree = _write._encode_record(record, fit_arrays, (), all_fills=True)
 
     def plain_stream() -> None:
-        _pack._write(paths["stream"], manifest, plain_tree, plain_arrays, stablehlo, None)
+        _write._write(paths["stream"], manifest, plain_tree, plain_arrays, stablehlo, None)
 
     def deflated_stream() -> dict:
         plan = _redact.compression_plan(fit_arrays)
         compress = set(plan["compress"])
-        _pack._write(paths["deflated"], manifest, fit_tree, fit_arrays, stablehlo, None, compress)
+        _write._write(paths["deflated"], manifest, fit_tree, fit_arrays, stablehlo, None, compress)
         return plan
 
     stream_s = timed(plain_stream, warm_bytes=int(1.3 * nbytes))[0]
