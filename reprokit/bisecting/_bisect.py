@@ -335,10 +335,11 @@ def conclude(
             f"{len(gap)} release{plural} before it that could not be replayed ({', '.join(gap)}); "
             f"{'reproduces on' if fixed else 'last good'} {left}"
         )
+        # The releases measured on either side; the change may lie in the gap.
         change = (
-            {"change": "fixed", "last_bad": left}
+            {"change": "fixed", "last_bad": left, "first_good": right}
             if fixed
-            else {"change": "introduced", "last_good": left}
+            else {"change": "introduced", "last_good": left, "first_bad": right}
         )
         return {**change, "conclusion": text, "conclusive": False}
     if fixed:
@@ -546,12 +547,15 @@ class _Replayer:
         self.advance(1)
         try:
             installed = environment.installed
-            probe = self._run([environment.python, "-I", "-c", _IMPORT_PROBE])
-            if probe.returncode != 0:
-                return cannot(f"cannot import jax or penzai: {_last_line(probe.stderr)}", installed)
             done = self._run([environment.python, "-I", "replay.py", "--json"])
             verdict = _parse_verdict(done.stdout)
             if verdict is None:
+                # Which step failed: importing the libraries, or rebuilding the layer?
+                probe = self._run([environment.python, "-I", "-c", _IMPORT_PROBE])
+                if probe.returncode != 0:
+                    return cannot(
+                        f"cannot import jax or penzai: {_last_line(probe.stderr)}", installed
+                    )
                 return cannot(
                     f"cannot rebuild or run the layer: {_last_line(done.stderr)}", installed
                 )
