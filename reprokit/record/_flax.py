@@ -45,7 +45,8 @@ def initializer_call(fn: Any) -> tuple[str, dict[str, Any]] | None:
         return None
     initializers = sys.modules.get(_FACTORY_MODULE)
     factory = getattr(initializers, factory_name, None)
-    if factory is None or fn.__module__ != factory.__module__:
+    # The closure's code must be the one compiled inside that very factory.
+    if not isinstance(factory, types.FunctionType) or fn.__code__ not in factory.__code__.co_consts:
         return None
     params = inspect.signature(factory).parameters
     kwargs: dict[str, Any] = {}
@@ -176,9 +177,14 @@ def require_flax(structure: dict, manifest: dict) -> None:
 
 
 def check_capture(value: Any, where: str) -> None:
-    """Refuses, at pack time, a Flax module that is bound to a scope (only unbound ones rebuild)."""
-    if getattr(value, "scope", None) is not None or getattr(value, "parent", None) is not None:
+    """Refuses, at pack time, a Flax module attached to a parent (only parentless ones rebuild).
+
+    A module's scope is not a dataclass field and is not recorded: like
+    `Module.clone()`, the archive holds the unbound module, which Flax binds
+    again when the layer runs.
+    """
+    if getattr(value, "parent", None) is not None:
         raise CaptureError(
-            f"{where} is a Flax module bound to a parent or scope; pack the layers "
+            f"{where} is a Flax module attached to a parent module; pack the layers "
             "penzai.toolshed.unflaxify.unflaxify_apply returns (their modules are unbound clones)"
         )
