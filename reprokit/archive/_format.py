@@ -9,6 +9,7 @@ imports neither jax nor penzai: `reprokit inspect` and `verify` use it.
 from __future__ import annotations
 
 import json
+import math
 import re
 from typing import Any
 
@@ -122,7 +123,12 @@ def parse_manifest(data: bytes) -> dict:
     except UnicodeDecodeError:
         raise ArchiveError("manifest.json is not UTF-8 text") from None
     try:
-        manifest = json.loads(text, parse_constant=_refuse_constant, object_pairs_hook=_unique)
+        manifest = json.loads(
+            text,
+            parse_constant=_refuse_constant,
+            parse_float=_finite_float,
+            object_pairs_hook=_unique,
+        )
     except (ValueError, RecursionError):
         raise ArchiveError("manifest.json is not valid JSON") from None
     try:
@@ -145,17 +151,91 @@ def check_optional_member(name: str, data: bytes) -> None:
         text = data.decode("utf-8")
     except UnicodeDecodeError:
         raise ArchiveError(f"member {name!r} is not UTF-8 text") from None
+    check_text(name, text)
     if name.endswith(".json"):
         try:
-            value = json.loads(text, parse_constant=_refuse_constant, object_pairs_hook=_unique)
+            value = json.loads(
+                text,
+                parse_constant=_refuse_constant,
+                parse_float=_finite_float,
+                object_pairs_hook=_unique,
+            )
         except (ValueError, RecursionError):
             raise ArchiveError(f"member {name!r} is not valid JSON") from None
         if not isinstance(value, dict):
             raise ArchiveError(f"member {name!r} is not a JSON object")
+    if name == REQUIREMENTS:
+        check_requirements(text)
+
+
+# What a maintainer reads must be what runs: control characters (other than
+# newline and tab) can hide lines from a terminal or a diff, and bidi controls
+# and line separators make source display in another order than Python
+# parses it ("Trojan Source").
+_TEXT_CONTROLS = re.compile(
+    "[\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069]"
+)
+
+
+def text_problem(text: str) -> str | None:
+    """Why `text` may not be an archive's text member (None when it may): its first control character."""
+    found = _TEXT_CONTROLS.search(text)
+    if found is None:
+        return None
+    return f"holds the control character U+{ord(found.group()):04X} at offset {found.start()}"
+
+
+def check_text(name: str, text: str) -> None:
+    """Refuses a text member holding control characters other than newline and tab."""
+    problem = text_problem(text)
+    if problem is not None:
+        raise ArchiveError(f"member {name!r} {problem}; text members allow only newline and tab")
+
+
+# The packages requirements.txt may pin (what `render_requirements` writes),
+# each as `name==version`; `flax` and `tensorstore` may also appear bare.
+# No options (`--index-url`), URLs, paths, markers or VCS requirements: pip
+# would act on any of them when a maintainer installs the archive's pins.
+PINNED_PACKAGES = ("jax", "jaxlib", "penzai", "numpy", "ml_dtypes", "flax")
+_UNPINNED_PACKAGES = ("flax", "tensorstore")
+_PIN_VERSION = r"[0-9][0-9A-Za-z.+!_-]{0,39}"
+_REQUIREMENT = re.compile(
+    rf"(?:{'|'.join(PINNED_PACKAGES)})=={_PIN_VERSION}|{'|'.join(_UNPINNED_PACKAGES)}"
+)
+
+
+def check_requirements(text: str) -> None:
+    """Refuses a requirements.txt with anything but reprokit's own pins, one per line."""
+    lines = text.split("\n")
+    if lines[-1] != "":
+        raise ArchiveError(f"member {REQUIREMENTS!r} does not end with a newline")
+    for number, line in enumerate(lines[:-1], 1):
+        if not _REQUIREMENT.fullmatch(line):
+            raise ArchiveError(
+                f"member {REQUIREMENTS!r} line {number} is not a pin reprokit writes "
+                f"(only name==version for {', '.join(PINNED_PACKAGES)}): {brief_text(line)}"
+            )
+
+
+def brief_text(text: str, limit: int = 60) -> str:
+    """`text` quoted for a one-line message: escaped, and cut to `limit` characters."""
+    shown = repr(text[:limit])
+    return shown + ("..." if len(text) > limit else "")
 
 
 def _refuse_constant(name: str) -> Any:
     raise ArchiveError(f"manifest.json holds {name}, which is not valid JSON")
+
+
+def _finite_float(text: str) -> float:
+    # `1e999` is valid JSON that Python reads as infinity; a manifest number
+    # must be finite however it is spelled (SECURITY.md, class 9).
+    value = float(text)
+    if not math.isfinite(value):
+        raise ArchiveError(
+            f"manifest.json holds the number {text[:40]!r}, which is not finite; refused"
+        )
+    return value
 
 
 def _unique(pairs: list[tuple[str, Any]]) -> dict:
@@ -174,8 +254,12 @@ _TERMINAL_CONTROLS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 
 
 def printable(text: str) -> str:
-    """`text` without the control characters the manifest refuses (packing side)."""
-    return _TERMINAL_CONTROLS.sub("", text)
+    """`text` without the control characters the manifest refuses (packing side).
+
+    Bidi controls and line separators go too: README.md repeats manifest
+    strings, and text members refuse them.
+    """
+    return _TEXT_CONTROLS.sub("", text)
 # What reprokit run sets before jax starts must never name a place on the
 # maintainer's machine: XLA writes dumps to, or loads kernels and autotuning
 # results from, the locations these flags give. Packing records such values

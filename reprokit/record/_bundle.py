@@ -43,6 +43,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from reprokit._errors import CaptureError, RefusedTypeError, ReplayError
+from reprokit.archive import _format
 from reprokit.archive._code import (  # noqa: F401 (re-exported: the load-side checks live in the archive layer)
     CODE_PREFIX,
     NEVER_BUNDLED_ROOTS,
@@ -128,6 +129,12 @@ def prepare(parts: dict, allow_modules: tuple[str, ...]) -> Bundle:
                 continue
             with open(file, "rb") as handle:
                 data = handle.read()
+            # verify refuses code members with control or bidi characters
+            # (they can make source display otherwise than it runs).
+            problem = _format.text_problem(data.decode("utf-8", "replace"))
+            if problem is not None:
+                skipped.append({"module": module_name, "reason": f"its source {problem}"})
+                continue
             origin = f"module file {os.path.basename(file)}"
         is_package = module_name not in originals and hasattr(sys.modules[module_name], "__path__")
         path = (

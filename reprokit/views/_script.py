@@ -64,6 +64,7 @@ def _environment():
     return env
 
 
+@functools.cache  # parsed once per process: also keeps `ast.parse` out of every render
 def _embedded_source(relative: str) -> str:
     """A module's source for `replay.py`: its imports of reprokit dropped, one shared namespace.
 
@@ -111,6 +112,37 @@ def render_replay_script(manifest: dict, tree: dict) -> str:
             embedded=embedded_sources(),
         )
     )
+
+
+def replay_script_status(opened: Any) -> str:
+    """Whether an opened archive's replay.py is what this reprokit renders from its record.
+
+    "identical", "differs" or "absent". replay.py is the one member a
+    maintainer may run by hand; an archive whose script differs from what
+    the record renders to (hand-edited, or from another reprokit version)
+    must be read before it is run (SECURITY.md, class 2). Imports no jax.
+    """
+    if _format.REPLAY_SCRIPT not in opened.reader:
+        return "absent"
+    data = opened.reader.read_bytes(_format.REPLAY_SCRIPT)
+    try:
+        rendered = render_replay_script(opened.manifest, opened.structure).encode()
+    except Exception:  # a record this version cannot render: the script is not ours
+        return "differs"
+    return "identical" if rendered == data else "differs"
+
+
+def replay_script_line(status: str) -> str | None:
+    """The line `verify`, `inspect` and `run` print about replay.py (None when there is none)."""
+    version = _format.reprokit_version()
+    if status == "identical":
+        return f"replay.py is byte-identical to what reprokit {version} renders from the record"
+    if status == "differs":
+        return (
+            f"replay.py in this archive differs from what reprokit {version} renders: "
+            "read it before running it"
+        )
+    return None
 
 
 def _replayed_config(recorded: dict) -> dict:

