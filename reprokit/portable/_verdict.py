@@ -21,6 +21,8 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
+# Equal to `reprokit.archive._format.SIGNATURE_KINDS` (the manifest schema); a
+# copy because replay.py embeds this file without reprokit. A test checks.
 SIGNATURE_KINDS = ("exception", "nonfinite", "output")
 _ADDRESS = re.compile(r"0x[0-9a-fA-F]{6,16}")
 _PATH = re.compile(r"(?:<\w+>|~)?(?:/[^\s'\":,)]+)+")
