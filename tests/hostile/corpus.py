@@ -252,6 +252,11 @@ HOSTILE_NAMES = {
     "lookalike-module": "penzai.toolshed.jit_wrapper2:Jitted",
     "cyrillic-lookalike": "jax.nn:r\u0435lu",
     "reprokit-itself": "reprokit._cli:main",
+    # Flax is trusted class by class and function by function, never by module.
+    "flax-msgpack-restore": "flax.serialization:msgpack_restore",
+    "flax-restore-checkpoint": "flax.training.checkpoints:restore_checkpoint",
+    "flax-module-base": "flax.linen.module:Module",
+    "flax-unreviewed-layer": "flax.linen.recurrent:LSTMCell",
 }
 for _label, _name in HOSTILE_NAMES.items():
     _quoted = repr(_name)[1:-1] if _name.isascii() else "malformed"
@@ -268,6 +273,15 @@ case("builtin-type-eval", "unknown builtin type")(
 )
 case("builtin-type-type", "unknown builtin type")(
     _with_side_input({"$t": "builtin_type", "name": "type"})
+)
+case("initializer-of-restore-checkpoint", "flax.training.checkpoints:restore_checkpoint")(
+    _with_side_input(
+        {
+            "$t": "initializer",
+            "factory": "flax.training.checkpoints:restore_checkpoint",
+            "kw": [["ckpt_dir", "/tmp"]],
+        }
+    )
 )
 case("unknown-node-kind", "unknown node kind")(_with_side_input({"$t": "pickle", "v": b"x"}))
 case("manifest-modules-os", "never allows")(
