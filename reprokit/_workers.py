@@ -9,23 +9,86 @@ timeout and turns every way it can fail into one short message.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 import subprocess
 import sys
+from collections.abc import Sequence
+
+from reprokit.archive._container import Limits
+
+_LIMIT_FLAG = "--limit"
 
 
 class WorkerFailed(Exception):
     """The worker timed out, crashed, or printed no JSON; the message says which."""
 
 
-def run_worker(module: str, args: list[str], *, env: dict | None, timeout: float) -> dict:
-    """Runs `python -m MODULE ARGS` and returns the JSON object it printed last."""
+# A child interpreter starts isolated (`python -I`: no current folder or
+# script folder on sys.path, no PYTHON* variables, no user site), so that a
+# file in the folder it starts from (say one extracted from an archive, such
+# as a planted `json.py`) can never be imported (SECURITY.md, class 3). The
+# parent's own import path is handed over explicitly and appended, after the
+# standard library and installed packages, which nothing can then shadow;
+# the current folder is left out unless the caller keeps it (the self-check,
+# which runs on the reporter's side with the reporter's own classes).
+_BOOT = (
+    "import json, os, runpy, site, sys\n"
+    "for p in json.loads(os.environ.pop('REPROKIT_WORKER_PATH', '[]')):\n"
+    "    if p not in sys.path:\n"
+    "        (site.addsitedir if os.path.basename(p) in ('site-packages', 'dist-packages') "
+    "else sys.path.append)(p)\n"
+    "what = sys.argv.pop(1)\n"
+    "if what == '-c':\n"
+    "    code = sys.argv.pop(1)\n"
+    "    exec(compile(code, '<reprokit probe>', 'exec'), {'__name__': '__main__'})\n"
+    "else:\n"
+    "    runpy.run_module(what, run_name='__main__', alter_sys=True)\n"
+)
+_PATH_VARIABLE = "REPROKIT_WORKER_PATH"
+
+
+def python_command(
+    module: str | None = None, *, code: str | None = None, args: Sequence[str] = ()
+) -> list[str]:
+    """The argv of an isolated child interpreter running `-m MODULE ARGS` or `-c CODE ARGS`.
+
+    Run it with `worker_env(...)`, which carries the parent's import path.
+    """
+    if (module is None) == (code is None):
+        raise ValueError("give exactly one of module and code")
+    what = [module] if module is not None else ["-c", code]
+    return [sys.executable, "-I", "-c", _BOOT, *what, *args]
+
+
+def worker_env(env: dict | None = None, *, keep_cwd: bool = False) -> dict:
+    """`env` (default: this process's) plus the import path an isolated child appends."""
+    env = dict(os.environ if env is None else env)
+    here = os.path.realpath(os.getcwd())
+    paths = []
+    for entry in sys.path:
+        if not entry:
+            continue  # '': the current folder
+        absolute = os.path.realpath(entry)
+        if absolute == here and not keep_cwd:
+            continue
+        if absolute not in paths:
+            paths.append(absolute)
+    env[_PATH_VARIABLE] = json.dumps(paths)
+    return env
+
+
+def run_worker(
+    module: str, args: list[str], *, env: dict | None, timeout: float, keep_cwd: bool = False
+) -> dict:
+    """Runs `python -I -m MODULE ARGS` (isolated) and returns the JSON object it printed last."""
     try:
         done = subprocess.run(
-            [sys.executable, "-m", module, *args],
+            python_command(module, args=args),
             capture_output=True,
             text=True,
-            env=env,
+            env=worker_env(env, keep_cwd=keep_cwd),
             timeout=timeout,
             stdin=subprocess.DEVNULL,
         )
@@ -41,3 +104,27 @@ def run_worker(module: str, args: list[str], *, env: dict | None, timeout: float
     if not isinstance(result, dict):
         raise WorkerFailed("printed JSON that is not an object")
     return result
+
+
+def limits_to_argv(limits: Limits | None) -> list[str]:
+    """The caller's archive limits as a worker's arguments, so the worker reads under them too."""
+    if limits is None:
+        return []
+    default = Limits()
+    return [
+        arg
+        for field in dataclasses.fields(Limits)
+        if getattr(limits, field.name) != getattr(default, field.name)
+        for arg in (_LIMIT_FLAG, f"{field.name}={getattr(limits, field.name)!r}")
+    ]
+
+
+def limits_from_argv(args: Sequence[str]) -> Limits:
+    """The limits `limits_to_argv` wrote (defaults for the rest); other arguments are ignored."""
+    default = Limits()
+    values = {}
+    for flag, value in zip(args, args[1:], strict=False):
+        if flag == _LIMIT_FLAG:
+            name, _, text = value.partition("=")
+            values[name] = type(getattr(default, name))(text)
+    return Limits(**values)

@@ -12,6 +12,7 @@ process, which these counts do not see.
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -20,6 +21,7 @@ from conftest import TESTS
 from test_cli import LINEAR_KEYPATH, SCRIPT
 
 from reprokit._cli import main
+from reprokit._workers import limits_from_argv
 from reprokit.archive._container import ArchiveReader, Limits
 
 # Not the defaults, so a reader built with default limits is told apart.
@@ -107,3 +109,34 @@ def test_a_limit_the_archive_exceeds_refuses_it_at_the_one_open(archive, opens):
     ran = invoke("run", archive, "--max-members", "3")
     assert ran.exit_code == 3
     assert len(opens) == 1 and opens[0][1].max_members == 3
+
+
+
+def test_raised_limits_reach_the_worker_processes(archive, opens, monkeypatch):
+    """The sweep's workers and the float64 reference reopen the archive under the user's limits."""
+    from reprokit.replaying import _variants
+
+    worker_args: list[list[str]] = []
+    real_worker, real_reference = _variants.run_worker, _variants._float64_reference
+
+    def worker(module, args, **kwargs):
+        worker_args.append(list(args))
+        return real_worker(module, args, **kwargs)
+
+    def reference(path, options):
+        worker_args.append(list(options))
+        return real_reference(path, options)
+
+    monkeypatch.setattr(_variants, "run_worker", worker)
+    monkeypatch.setattr(_variants, "_float64_reference", reference)
+    ran = invoke("run", archive, *USER_LIMITS, "--sweep", "--reference", "float64", "--json")
+    assert ran.exit_code == 0, ran.output
+    assert opens == [(archive, EXPECTED)]
+    payload = json.loads(ran.stdout)
+    assert payload["reference"]["reference"] == "float64"
+    workers = [r for r in payload["sweep"] if r["condition"].startswith(("x64", "StableHLO"))]
+    assert len(workers) == 2 and all(r["ran"] for r in workers), workers
+    assert len(worker_args) == 3
+    for args in worker_args:
+        assert limits_from_argv(args) == EXPECTED
+        assert "--limit" in args

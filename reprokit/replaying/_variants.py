@@ -28,7 +28,15 @@ import numpy as np
 
 from reprokit._errors import ReplayError, UsageError
 from reprokit._progress import progress
-from reprokit._workers import WorkerFailed, run_worker
+from reprokit._workers import (
+    WorkerFailed,
+    limits_from_argv,
+    limits_to_argv,
+    python_command,
+    run_worker,
+    worker_env,
+)
+from reprokit.archive._container import Limits
 from reprokit.archive._trust import TrustPolicy
 
 REFERENCES = ("float64", "highest", "eager", "cpu")
@@ -175,7 +183,8 @@ def _run_worker(path: str, variant: str, condition: str, options: list[str], env
 def _worker_main(argv: list[str]) -> int:
     """`python -m reprokit.replaying._variants ARCHIVE VARIANT [TRUST...]`: one row as JSON.
 
-    TRUST is the sweep's `TrustPolicy`, as `TrustPolicy.to_argv` writes it.
+    TRUST is the sweep's `TrustPolicy`, as `TrustPolicy.to_argv` writes it,
+    and the caller's archive limits (`reprokit._workers.limits_to_argv`).
     """
     path, variant, *rest = argv
     from reprokit.replaying._replay import (
@@ -187,17 +196,19 @@ def _worker_main(argv: list[str]) -> int:
 
     started = time.perf_counter()
     try:
-        trust = TrustPolicy.from_argv(rest)
+        trust, limits = TrustPolicy.from_argv(rest), limits_from_argv(rest)
         if variant == "x64":
-            loaded = load_archive(path, trust, config_overrides={"jax_enable_x64": True})
+            loaded = load_archive(
+                path, trust, limits=limits, config_overrides={"jax_enable_x64": True}
+            )
             replayed = replayed_outcome(loaded, record=upcast_record(loaded.record))
             note = "float64 params and inputs, compared after casting back"
         elif variant == "stablehlo":
-            loaded = load_archive(path, trust)
+            loaded = load_archive(path, trust, limits=limits)
             replayed = stablehlo_outcome(loaded)
             note = ""
         elif variant.startswith("xla-flags-"):
-            loaded = load_archive(path, trust)
+            loaded = load_archive(path, trust, limits=limits)
             replayed = replayed_outcome(loaded)
             note = f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}"
         else:
@@ -227,11 +238,16 @@ def _worker_main(argv: list[str]) -> int:
 
 
 def sweep(
-    path: str, loaded, trust: TrustPolicy, workers: int | None = None
+    path: str,
+    loaded,
+    trust: TrustPolicy,
+    workers: int | None = None,
+    *,
+    limits: Limits | None = None,
 ) -> list[VariantRow]:
     """Replays under every condition; worker conditions run in parallel with in-process ones.
 
-    Worker processes reopen `path` themselves, under the same `trust`.
+    Worker processes reopen `path` themselves, under the same `trust` and `limits`.
     """
     recorded_mode = loaded.manifest["mode"]
     env = loaded.manifest["environment"]
@@ -255,7 +271,7 @@ def sweep(
                 path,
                 variant,
                 condition,
-                trust.to_argv(),
+                trust.to_argv() + limits_to_argv(limits),
                 _worker_env(variant, loaded),
             )
             for variant, condition in jobs
@@ -371,10 +387,13 @@ def _scalar(value) -> Any:
         return str(value)
 
 
-def reference(path: str, loaded, kind: str, trust: TrustPolicy) -> dict:
+def reference(
+    path: str, loaded, kind: str, trust: TrustPolicy, *, limits: Limits | None = None
+) -> dict:
     """Errors of the recorded and the replayed output against a reference computation.
 
-    The float64 reference runs in a worker process that reopens `path` under `trust`.
+    The float64 reference runs in a worker process that reopens `path` under
+    `trust` and `limits`.
     """
     from reprokit.portable._verdict import compare_leaves
     from reprokit.replaying._replay import recorded_outcome, replayed_outcome
@@ -387,7 +406,7 @@ def reference(path: str, loaded, kind: str, trust: TrustPolicy) -> dict:
         )
     replayed = replayed_outcome(loaded)
     if kind == "float64":
-        reference_outcome = _float64_reference(path, trust.to_argv())
+        reference_outcome = _float64_reference(path, trust.to_argv() + limits_to_argv(limits))
     else:
         import jax
 
@@ -428,19 +447,14 @@ def _float64_reference(path: str, options: list[str]) -> dict:
 
     with tempfile.TemporaryDirectory() as folder:
         target = os.path.join(folder, "reference.npz")
-        command = [
-            sys.executable,
-            "-m",
-            "reprokit.replaying._variants",
-            str(path),
-            "x64-outputs",
-            target,
-            *options,
-        ]
+        command = python_command(
+            "reprokit.replaying._variants", args=[str(path), "x64-outputs", target, *options]
+        )
         done = subprocess.run(
             command,
             capture_output=True,
             text=True,
+            env=worker_env(),  # isolated: nothing in the current folder is importable
             timeout=_WORKER_TIMEOUT_S,
             stdin=subprocess.DEVNULL,
         )
@@ -470,10 +484,15 @@ def format_reference(report: dict) -> str:
     return "\n".join(lines)
 
 
-def _x64_outputs_main(path: str, target: str, trust: TrustPolicy) -> int:
+def _x64_outputs_main(path: str, target: str, options: list[str]) -> int:
     from reprokit.replaying._replay import load_archive, replayed_outcome
 
-    loaded = load_archive(path, trust, config_overrides={"jax_enable_x64": True})
+    loaded = load_archive(
+        path,
+        TrustPolicy.from_argv(options),
+        limits=limits_from_argv(options),
+        config_overrides={"jax_enable_x64": True},
+    )
     outcome = replayed_outcome(loaded, record=upcast_record(loaded.record))
     if outcome["exception"] is not None:
         print(
@@ -491,5 +510,5 @@ def _x64_outputs_main(path: str, target: str, trust: TrustPolicy) -> int:
 if __name__ == "__main__":
     args = sys.argv[1:]
     if len(args) >= 3 and args[1] == "x64-outputs":
-        sys.exit(_x64_outputs_main(args[0], args[2], TrustPolicy.from_argv(args[3:])))
+        sys.exit(_x64_outputs_main(args[0], args[2], args[3:]))
     sys.exit(_worker_main(args))
