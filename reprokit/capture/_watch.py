@@ -43,16 +43,9 @@ from penzai.toolshed.jit_wrapper import Jitted
 
 from reprokit._errors import ReprokitError, UsageError
 from reprokit.capture._capture import capture_calls, selected_layer
-from reprokit.capture._find import (
-    FindResult,
-    _array_leaves,
-    _is_inexact,
-    _received_leaves,
-    _stack_axes,
-    pack_found,
-    search,
-    ship,
-)
+from reprokit.capture._find import FindResult, pack_found, search
+from reprokit.capture._probe import _array_leaves, _is_inexact, _received_leaves, _stack_axes
+from reprokit.capture._shipping import ship
 
 WATCH_CHECKS = ("nonfinite", "exception")
 ON_FAULT = ("continue", "raise")

@@ -1,0 +1,252 @@
+"""How a search is described: the printed layer tree and the `found_by` facts.
+
+What `find` measured reaches people twice: as the report printed for the
+reporter (the layer tree, each layer's status, the culprit marked, or why
+none was found) and as the `found_by` entry packed archives record. Both
+are built here from the instrumented pass and the chosen culprit, so the
+search itself stays free of formatting.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from reprokit.capture._culprit import (
+    _bad,
+    _block_of,
+    _Culprit,
+    _misbehaves,
+    _nonfinite_parameters,
+    _representative,
+    _tolerance,
+)
+from reprokit.capture._probe import _Call, _Session
+from reprokit.environment._scrub import scrub_text
+
+# Above this many layers the report folds subtrees away from the culprit.
+_FULL_REPORT_LAYERS = 400
+
+
+def _counts_text(summary: dict | None) -> str:
+    if summary is None:
+        return "-"
+    parts = [
+        f"{summary[key]} {name}"
+        for key, name in (("nan", "NaN"), ("posinf", "+Inf"), ("neginf", "-Inf"))
+        if summary[key]
+    ]
+    return ", ".join(parts) if parts else "finite"
+
+
+def _status_text(summary: dict | None, check: str) -> str:
+    if summary is None:
+        return "-"
+    if check != "mismatch":
+        return _counts_text(summary)
+    error = summary.get("error")
+    text = "err ?" if error is None else f"err {error:.1e}"
+    return text if not _bad(summary) else f"{text}, {_counts_text(summary)}"
+
+
+def _render(
+    session: _Session,
+    culprit: _Culprit | None,
+    header: list[str],
+    tolerance,
+) -> str:
+    sites = session.sites
+    by_site: dict[int, list[_Call]] = {}
+    for call in session.calls:
+        by_site.setdefault(call.site, []).append(call)
+    chain: set[int] = set()
+    site = culprit.site if culprit else None
+    while site is not None:
+        chain.add(site)
+        site = sites[site].parent
+    if len(sites) <= _FULL_REPORT_LAYERS:
+        shown = set(range(len(sites)))
+    else:
+        shown = {s.index for s in sites if s.depth <= 1 or s.index in chain or s.parent in chain}
+    rows = []
+    for s in sites:
+        if s.index not in shown:
+            continue
+        name = ("  " * s.depth) + (f"{s.segment}: {s.type_name}" if s.segment else s.type_name)
+        calls = by_site.get(s.index, [])
+        if not calls:
+            # Called only while jit traced the model (which then raised), or never.
+            in_text, marks = "", []
+            out_text = "traced, not run" if session.python_counts[s.index] else "not called"
+            if culprit is not None and culprit.site == s.index and culprit.exception:
+                out_text = f"raised {culprit.exception['type'].rsplit('.', 1)[-1]} (tracing)"
+        else:
+            call = _representative(calls, session.check, tolerance, culprit)
+            in_text = _status_text(call.received, session.check)
+            if call.exception is not None:
+                out_text = f"raised {call.exception['type'].rsplit('.', 1)[-1]}"
+            elif call.returned is None:
+                out_text = "did not return"
+            else:
+                out_text = _status_text(call.returned, session.check)
+            marks = [f"call {call.index + 1} of {len(calls)}"] if len(calls) > 1 else []
+        if culprit is not None and s.index == culprit.site:
+            marks.append("<== CULPRIT")
+        elif s.index in chain:
+            marks.append("(contains the culprit)")
+        rows.append((name, in_text, out_text, "  ".join(marks)))
+    width = min(max((len(r[0]) for r in rows), default=0), 72)
+    in_width = min(max((len(r[1]) for r in rows), default=0), 26)
+    out_width = min(max((len(r[2]) for r in rows), default=0), 26)
+    lines = list(header)
+    lines.append("")
+    rows.insert(0, ("layer", "received", "returned", ""))
+    for name, in_text, out_text, marks in rows:
+        line = f"{name:<{width}}  {in_text:<{in_width}}  {out_text:<{out_width}}  {marks}"
+        lines.append(line.rstrip())
+    hidden = len(sites) - len(shown)
+    if hidden:
+        lines.append(f"({hidden} layers away from the culprit not shown)")
+    return "\n".join(lines)
+
+
+def _header(
+    session: _Session,
+    culprit: _Culprit | None,
+    check: str,
+    passes: int,
+    found_by: dict,
+    reference_name: str | None,
+) -> list[str]:
+    what = f"{passes} instrumented pass" + ("es (model + reference)" if passes > 1 else "")
+    lines = [
+        f"reprokit find: check={check}, {what}, {len(session.sites)} layers, "
+        f"{len(session.calls)} calls"
+    ]
+    if reference_name:
+        lines.append(f"  reference: {reference_name}")
+    if culprit is None:
+        return lines
+    site = session.sites[culprit.site]
+    lines.append(f"culprit: {site.keystr or '(the whole model)'}")
+    where = f"call {culprit.call_index + 1} of {found_by['call_count']}"
+    if found_by.get("block") is not None:
+        axis, size = site.stack_axes[-1]
+        where += f"; LayerStack axis {axis!r} block {found_by['block']} of {size}"
+    if culprit.while_tracing:
+        where += "; raised while jit/scan traced the model"
+    lines.append(f"  type: {site.layer_type} ({where})")
+    call = culprit.call
+    if check == "exception":
+        exc = culprit.exception or {}
+        lines.append(f"  raised: {exc.get('type')}: {exc.get('message')}")
+    elif call is not None:
+        lines.append(f"  received: {_status_text(call.received, check)}")
+        lines.append(f"  returned: {_status_text(call.returned, check)}")
+        if check == "mismatch":
+            lines.append(f"  tolerance: {found_by['tolerance']:.1e} (max error / max |reference|)")
+    for param in found_by.get("nonfinite_parameters", []):
+        lines.append(f"  non-finite parameter: {param['label']} ({_counts_text(param)})")
+    inner = found_by.get("sublayer_calls")
+    if inner:
+        behaved = "ran without raising" if check == "exception" else "behaved"
+        lines.append(
+            f"  inside it: {inner} sublayer call(s), each of which {behaved}; none of them "
+            "alone shows the issue, so this is the smallest layer that does"
+        )
+    also = found_by.get("also_misbehaved") or []
+    if also:
+        lines.append(
+            f"  ruled out: {len(also)} enclosing layer(s) that misbehave only because they "
+            "contain it (the smallest misbehaving layer is kept)"
+        )
+    return lines
+
+
+def _jsonable(summary: dict) -> dict:
+    # JSON has no inf/nan; manifests stay standard JSON.
+    return {
+        k: (repr(v) if isinstance(v, float) and not np.isfinite(v) else v)
+        for k, v in summary.items()
+    }
+
+
+def _found_by(session, culprit, check, mode, passes, reference_name, tolerance) -> dict:
+    site = session.sites[culprit.site]
+    count = session.counts[culprit.site] or session.python_counts[culprit.site]
+    block = _block_of(culprit.call, session.sites)
+    found_by: dict[str, Any] = {
+        "check": check,
+        "mode": mode or "as the model runs",
+        "call_index": culprit.call_index,
+        "call_count": count,
+        "block": block,
+        "layers_instrumented": len(session.sites),
+        "calls_seen": len(session.calls),
+        "passes": passes,
+    }
+    if culprit.call is not None and check != "exception":
+        found_by["received"] = _jsonable(culprit.call.received)
+        found_by["returned"] = _jsonable(culprit.call.returned)
+    if check == "exception":
+        exc = culprit.exception or {}
+        found_by["exception"] = {
+            "type": exc.get("type"),
+            "message": scrub_text(str(exc.get("message"))),
+        }
+        found_by["while_tracing"] = culprit.while_tracing
+    if check == "mismatch":
+        found_by["reference"] = reference_name
+        found_by["tolerance"] = _tolerance(culprit.call, tolerance)
+    if check == "nonfinite":
+        found_by["nonfinite_parameters"] = _nonfinite_parameters(site, block)
+    also = []
+    call = culprit.call.parent if culprit.call is not None else None
+    while call is not None:
+        if check == "exception" or _misbehaves(call, check, tolerance):
+            also.append(session.sites[call.site].keystr or "(the whole model)")
+        call = call.parent
+    found_by["also_misbehaved"] = also
+    # What makes it the smallest: every call made inside it behaved, so none of
+    # those sublayers, replayed alone on what it received, shows the issue.
+    if culprit.call is not None:
+        found_by["sublayer_calls"] = sum(call.parent is culprit.call for call in session.calls)
+    return found_by
+
+
+def _not_found_message(session: _Session, error, check: str, tolerance) -> str:
+    if check == "exception":
+        if error is None:
+            return "the model ran without raising; check='exception' needs a call that raises"
+        return (
+            f"the model raised {type(error).__name__} outside any layer's own code (e.g. an "
+            "XLA runtime error, raised when a compiled model runs); rerun with mode='eager' "
+            "to locate it"
+        )
+    roots = [call for call in session.calls if call.parent is None]
+    if check == "nonfinite":
+        if any(_bad(call.received) for call in roots):
+            return (
+                "the model's own inputs (argument, side inputs or state) already hold NaN/Inf; "
+                "no layer introduced them"
+            )
+        suffix = f"; it also raised {type(error).__name__}" if error is not None else ""
+        return (
+            "no layer returned NaN/Inf from finite inputs (check='nonfinite')"
+            + suffix
+            + "; try check='exception' or check='mismatch'"
+        )
+    worst = max(
+        (c for c in session.returned if c.returned and c.returned.get("error") is not None),
+        key=lambda c: c.returned["error"],
+        default=None,
+    )
+    detail = ""
+    if worst is not None:
+        detail = (
+            f" (largest output error {worst.returned['error']:.1e} at "
+            f"{session.sites[worst.site].keystr or 'the whole model'})"
+        )
+    limit = "the default tolerance" if tolerance is None else f"tolerance {tolerance:g}"
+    return f"no layer's output differs from the reference by more than {limit}{detail}"
