@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import importlib
-import importlib.util
 import json
 import os
 import sys
@@ -177,91 +175,6 @@ def main() -> None:
 # ------------------------------------------------------------------ pack
 
 
-def _load_target(target: str):
-    """Imports `path/to/script.py:function` or `package.module:function` and returns the function."""
-    spec, _, name = target.rpartition(":")
-    if not spec or not name.isidentifier():
-        raise UsageError(
-            f"TARGET {target!r} must look like path/to/script.py:make_call or module:make_call"
-        )
-    if spec.endswith(".py"):
-        if not os.path.isfile(spec):
-            raise UsageError(f"no such script: {spec}")
-        module_spec = importlib.util.spec_from_file_location("__reprokit_target__", spec)
-        module = importlib.util.module_from_spec(module_spec)
-        sys.path.insert(0, os.path.dirname(os.path.abspath(spec)))
-        sys.modules["__reprokit_target__"] = module
-        module_spec.loader.exec_module(module)
-    else:
-        try:
-            module = importlib.import_module(spec)
-        except ImportError as error:
-            raise UsageError(f"cannot import {spec!r}: {error}") from None
-    fn = getattr(module, name, None)
-    if not callable(fn):
-        raise UsageError(f"{spec} has no function {name!r}")
-    return fn
-
-
-def _call_target(fn, target: str):
-    result = fn()
-    if not isinstance(result, tuple) or len(result) not in (2, 3):
-        raise UsageError(
-            f"{target} must return (model, argument) or (model, argument, side_inputs), "
-            f"got {type(result).__name__}"
-        )
-    model, argument = result[:2]
-    side_inputs = result[2] if len(result) == 3 else {}
-    if not isinstance(side_inputs, dict):
-        raise UsageError(f"{target}: side_inputs must be a dict, got {type(side_inputs).__name__}")
-    return model, argument, side_inputs
-
-
-def _select(model, keypath: str):
-    from penzai import pz
-
-    if not isinstance(model, pz.nn.Layer):
-        raise UsageError(
-            f"the target returned a {type(model).__name__} as model, not a pz.nn.Layer"
-        )
-    selection = pz.select(model).at_subtrees_where(
-        lambda kp, x: pz.pretty_keystr(kp, model) == keypath, with_keypath=True
-    )
-    if selection.count() == 0:
-        known = [kp for kp, _ in _all_layers(model)]
-        known = [kp for kp in known if kp]
-        hint = ", ".join(known[:12]) + (" ..." if len(known) > 12 else "")
-        raise UsageError(
-            f"no subtree at keypath {keypath!r}; layers include: {hint} (see reprokit pack TARGET --list)"
-        )
-    return selection
-
-
-def _all_layers(model):
-    from penzai import pz
-
-    out = []
-    for keypath, value in _walk_with_keypaths(model):
-        if isinstance(value, pz.nn.Layer):
-            out.append((pz.pretty_keystr(keypath, model), type(value).__name__))
-    return out
-
-
-def _walk_with_keypaths(model):
-    import jax
-    from penzai import pz
-
-    stack = [((), model)]
-    while stack:
-        keypath, value = stack.pop(0)
-        yield keypath, value
-        if isinstance(value, (pz.Struct, list, tuple, dict)):
-            children, _ = jax.tree_util.tree_flatten_with_path(
-                value, is_leaf=lambda x, parent=value: x is not parent
-            )
-            stack[0:0] = [(keypath + path, child) for path, child in children]
-
-
 @main.command(epilog=EXIT_CODES_HELP)
 @click.argument("target")
 @click.option(
@@ -397,11 +310,13 @@ def pack(
           -o attn-nan.repro.zip
     """
     with _reported_errors(debug, EXIT_PACK_FAILED):
+        from reprokit.capture._target import all_layers, call_target, load_target, select_keypath
+
         _check_output_options(as_json, quiet)
-        fn = _load_target(target)
-        model, argument, side_inputs = _call_target(fn, target)
+        fn = load_target(target)
+        model, argument, side_inputs = call_target(fn, target)
         if list_layers:
-            layers = _all_layers(model)
+            layers = all_layers(model)
             if as_json:
                 click.echo(json.dumps([{"keypath": p, "type": k} for p, k in layers], indent=1))
             elif not quiet:
@@ -442,7 +357,7 @@ def pack(
             )
         from reprokit.capture._pack import pack as pack_fn
 
-        selection = _select(model, keypath)
+        selection = select_keypath(model, keypath)
         out = out or f"{type(selection.get()).__name__.lower()}.repro.zip"
         result = pack_fn(
             selection,
