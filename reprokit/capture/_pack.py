@@ -2,9 +2,12 @@
 
 This is the pipeline's front half, capture -> encode -> archive: run the
 model once with a capturer on the selected layer, pick the call to keep,
-decide the recorded issue (the signature), encode the record, and stream it
-with the environment, a generated `replay.py` and a README into one archive
-written atomically.
+and hand it to `reprokit.capture._write.write_archive`, which decides the
+recorded issue, encodes the record and streams it with the environment, a
+generated `replay.py` and a README into one archive written atomically.
+`pack` gathers its keyword arguments into one `PackOptions` (the CLI builds
+that itself and calls `pack_selection`); with several jax processes the
+multi-process path (`reprokit.capture._multihost`) takes over.
 """
 
 from __future__ import annotations
