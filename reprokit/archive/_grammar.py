@@ -75,6 +75,9 @@ def children(node: Any, where: str = "") -> list[tuple[str, Any]]:
     if not isinstance(node, dict):
         return []
     tag = node.get(TAG)
+    if tag is None:
+        # Not a node but a record's table of parts ({"submodel": ..., "argument": ...}).
+        return [(f"{where}.{name}" if where else str(name), value) for name, value in node.items()]
     if tag in ("tuple", "slice", "complex"):
         return [(f"{where}[{i}]", item) for i, item in enumerate(node["v"])]
     if tag == "frozenset":
@@ -109,6 +112,9 @@ def child_nodes(node: Any) -> list[Any]:
     if not isinstance(node, dict):
         return []
     tag = node.get(TAG)
+    if tag is None:
+        # Not a node but a record's table of parts ({"submodel": ..., "argument": ...}).
+        return list(node.values())
     if tag in ("tuple", "slice", "complex", "frozenset"):
         return node["v"]
     if tag == "initializer":

@@ -27,12 +27,6 @@ from typing import Any
 
 from reprokit._errors import ReplayError, UsageError
 
-MESH_HELP = (
-    "Where to place sharded arrays: auto (the recorded mesh if this machine has enough "
-    "devices, else one device), recorded, 1 (one device), or a mesh such as data=2,model=4."
-)
-
-
 @dataclasses.dataclass(frozen=True)
 class MeshRequest:
     """What the maintainer asked for with `--mesh` (kind: auto, recorded, single or named)."""
