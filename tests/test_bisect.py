@@ -22,8 +22,10 @@ from __future__ import annotations
 import functools
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 from conftest import run_reprokit, subprocess_env
@@ -323,3 +325,73 @@ def test_a_release_that_cannot_install_is_skipped(clip_archive, index_available,
     # The upper end could not be installed: the next one inward took its place.
     assert result.first_bad == "0.10.0" and result.last_good == "0.9.2"
     assert result.conclusive and result.exit_code == 0
+
+
+def test_a_release_missing_a_function_of_the_layer_cannot_rebuild(
+    index_available, env_cache, tmp_path
+):
+    """`jax.lax.mulhi` is new after jax 0.10.0: the record cannot be rebuilt there."""
+    import jax
+    import jax.numpy as jnp
+    from penzai import pz
+
+    import reprokit
+
+    layer = pz.nn.Elementwise(functools.partial(jax.lax.mulhi, jnp.int32(3)))
+    selection = pz.select(pz.nn.Sequential([layer])).at_instances_of(pz.nn.Elementwise)
+    out = tmp_path / "mulhi.repro.zip"
+    x = jnp.arange(4, dtype=jnp.int32) * 2**30
+    reprokit.pack(selection.pick_nth_selected(0), x, out=out, check=False)
+    result = _bisect.bisect(out, versions="0.10.0,0.10.2", cache_dir=env_cache)
+    old = result.row("0.10.0")
+    assert old.status == CANNOT_REPLAY
+    assert old.reason.startswith("cannot rebuild or run the layer") and "mulhi" in old.reason
+    new = result.row("0.10.2")
+    assert new.status == REPRODUCED and new.output_bitwise_equal is True
+    assert result.conclusion == "reproduces on every jax release tried (0.10.2)"
+
+
+def test_a_penzai_release_without_the_layer_class_cannot_rebuild(
+    index_available, env_cache, tmp_path
+):
+    """`pz.nn.TanhSoftCap` first appeared in penzai 0.2.1."""
+    import jax.numpy as jnp
+    from penzai import pz
+
+    import reprokit
+
+    model = pz.nn.Sequential([pz.nn.TanhSoftCap(soft_cap=2.0)])
+    selection = pz.select(model).at_instances_of(pz.nn.TanhSoftCap).pick_nth_selected(0)
+    out = tmp_path / "softcap.repro.zip"
+    reprokit.pack(selection, jnp.linspace(-5.0, 5.0, 8), out=out, check=False)
+    result = _bisect.bisect(out, package="penzai", versions="0.2.0,0.2.1", cache_dir=env_cache)
+    old = result.row("0.2.0")
+    assert old.status == CANNOT_REPLAY and old.installed["penzai"] == "0.2.0"
+    assert old.reason.startswith("cannot rebuild or run the layer") and "TanhSoftCap" in old.reason
+    assert result.row("0.2.1").status == REPRODUCED
+    assert result.conclusion == "reproduces on every penzai release tried (0.2.1)"
+
+
+def test_ctrl_c_leaves_the_environment_cache_consistent(clip_archive, index_available, tmp_path):
+    cache = tmp_path / "cache"
+    script = (
+        "from reprokit.bisecting._bisect import bisect\n"
+        f"bisect({clip_archive!r}, versions='0.9.2', cache_dir={str(cache)!r})\n"
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-c", script], env=subprocess_env(), stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.monotonic() + 300
+    # Interrupt while the environment is being built.
+    while time.monotonic() < deadline and not list(cache.glob(".building-*")):
+        time.sleep(0.05)
+    assert list(cache.glob(".building-*")), "the build never started"
+    time.sleep(0.5)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode != 0 and "KeyboardInterrupt" in stderr
+    left = os.listdir(cache)
+    assert not any(name.startswith(".building-") for name in left)
+    # Whatever is under a real key is complete (the rename is the last step).
+    for name in left:
+        assert (cache / name / "reprokit-environment.json").is_file()

@@ -452,7 +452,9 @@ def _workdir(opened: Any, script: str, trust_code: bool) -> str:
     return folder
 
 
-_IMPORT_PROBE = "import jax, jax.numpy as jnp, penzai.pz; jnp.zeros(1).block_until_ready()"
+# What every rendered script needs before it rebuilds anything (it then imports
+# only the modules the record names, so a release may replay with a partly broken penzai).
+_IMPORT_PROBE = "import jax, jax.numpy as jnp, penzai, numpy; jnp.zeros(1).block_until_ready()"
 
 
 def _last_line(text: str) -> str:
