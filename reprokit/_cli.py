@@ -29,7 +29,13 @@ from reprokit._errors import (
     UsageError,
 )
 from reprokit.archive._container import Limits
-from reprokit.replaying._sharding import MESH_HELP as _MESH_HELP
+
+# Lives here, not beside the placement code: the CLI must not import replay
+# code just to print its help (`reprokit verify` loads no replay module).
+_MESH_HELP = (
+    "Where to place sharded arrays: auto (the recorded mesh if this machine has enough "
+    "devices, else one device), recorded, 1 (one device), or a mesh such as data=2,model=4."
+)
 
 EXIT_CODES_HELP = f"""\b
 Exit codes:
