@@ -59,7 +59,7 @@ def outline(
     elif tag in ("dict", "odict"):
         out.append(f"{prefix}{'OrderedDict' if tag == 'odict' else 'dict'}[{len(node['v'])}]")
         for key, value in node["v"]:
-            outline(value, arrays, f"[{key!r}]", depth + 1, out)
+            outline(value, arrays, f"[{_key_label(key)}]", depth + 1, out)
     elif tag in ("fn", "type"):
         out.append(f"{prefix}{node['name'].replace(':', '.')}")
     elif tag == "enum":
@@ -71,11 +71,29 @@ def outline(
             outline(value, arrays, key, depth + 1, out)
     elif tag in ("jnp_type", "np_type", "dtype", "builtin_type"):
         out.append(f"{prefix}{tag}:{node['name']}")
+    elif tag == "frozenset":
+        out.append(f"{prefix}frozenset[{len(node['v'])}]")
+        for i, item in enumerate(node["v"]):
+            outline(item, arrays, f"<item {i}>", depth + 1, out)
+    elif tag == "initializer":
+        # An initializer closure, recorded as the factory call that makes it.
+        out.append(f"{prefix}{node['factory'].replace(':', '.')}(...)")
+        for key, value in node["kw"]:
+            outline(value, arrays, key, depth + 1, out)
     else:
         out.append(f"{prefix}<{tag}>")
     if len(out) == _MAX_OUTLINE_LINES:
         out.append(f"{pad}... (outline truncated)")
     return out
+
+
+def _key_label(key: Any) -> str:
+    """A dict key as Python would show it; tuples of plain values too (unflaxify's call keys)."""
+    if isinstance(key, dict) and key.get(TAG) == "tuple" and isinstance(key.get("v"), list):
+        items = key["v"]
+        if all(item is None or isinstance(item, (bool, int, float, str)) for item in items):
+            return repr(tuple(items))
+    return repr(key)
 
 
 def _short(name: str) -> str:
