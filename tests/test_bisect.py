@@ -395,3 +395,15 @@ def test_ctrl_c_leaves_the_environment_cache_consistent(clip_archive, index_avai
     # Whatever is under a real key is complete (the rename is the last step).
     for name in left:
         assert (cache / name / "reprokit-environment.json").is_file()
+
+
+def test_a_release_that_raises_another_error_is_flagged():
+    rows = (
+        BisectRow("0.1.0", NOT_REPRODUCED, error="builtins.TypeError: something else"),
+        BisectRow("0.2.0", REPRODUCED, error="builtins.ValueError: the recorded one"),
+    )
+    summary = conclude("jax", ["0.1.0", "0.2.0"], rows)
+    result = _bisect.BisectResult("a.repro.zip", "jax", ("0.1.0", "0.2.0"), rows, False, **summary)
+    assert result.notes and result.notes[0].startswith("on 0.1.0 the layer raised an error other")
+    assert "note: on 0.1.0" in result.format()
+    assert result.as_dict()["notes"] == list(result.notes)

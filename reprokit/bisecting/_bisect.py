@@ -111,6 +111,17 @@ class BisectResult:
             return EXIT_REPLAY_FAILED
         return EXIT_REPRODUCED if self.conclusive else EXIT_INCONCLUSIVE
 
+    @property
+    def notes(self) -> tuple[str, ...]:
+        """Caveats the table implies: releases counted good although the layer raised."""
+        other = [row.version for row in self.rows if row.status == NOT_REPRODUCED and row.error]
+        if not other:
+            return ()
+        return (
+            f"on {', '.join(other)} the layer raised an error other than the recorded one: "
+            "'not reproduced' there means the recorded issue did not occur, not that the layer works",
+        )
+
     def row(self, version: str) -> BisectRow | None:
         return next((row for row in self.rows if row.version == version), None)
 
@@ -119,6 +130,7 @@ class BisectResult:
         data["rows"] = [row.as_dict() for row in self.rows]
         data["assumption"] = None if self.exhaustive else ASSUMPTION
         data["exit_code"] = self.exit_code
+        data["notes"] = list(self.notes)
         return data
 
     def format(self) -> str:
@@ -160,6 +172,7 @@ class BisectResult:
         out += [render(header).rstrip()] + [render(line).rstrip() for line in lines]
         out.append("")
         out.append(self.conclusion)
+        out += [f"note: {note}" for note in self.notes]
         if not self.exhaustive and len(self.rows) > 1:
             out.append(f"({ASSUMPTION})")
         return "\n".join(out)
