@@ -245,3 +245,15 @@ def test_verify_json_still_works_from_the_cli(small_archive):
     result = run_reprokit("verify", small_archive, "--json")
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["valid"] is True
+
+
+def test_readme_architecture_lists_every_module():
+    readme = (REPO / "README.md").read_text()
+    start = readme.index("## Architecture\n")
+    block = readme[start : readme.index("\n## ", start + 5)]
+    for path in PACKAGE.rglob("*.py"):
+        relative = path.relative_to(PACKAGE)
+        if len(relative.parts) == 2:
+            assert f"{relative.parts[0]}/" in block, relative
+        if path.name != "__init__.py" or len(relative.parts) == 1:
+            assert f" {path.name} " in block, f"README's Architecture does not list {relative}"
