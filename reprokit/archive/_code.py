@@ -16,6 +16,7 @@ from typing import Any
 
 from reprokit._errors import ArchiveError, RefusedTypeError
 from reprokit.archive._allowlist import check_module_for_viewing
+from reprokit.archive._format import check_text
 
 CODE_PREFIX = "code/"
 _MAX_FILES = 256
@@ -100,9 +101,12 @@ def verified_source(reader: Any, entry: dict) -> bytes:
     if len(data) != entry["bytes"] or hashlib.sha256(data).hexdigest() != entry["sha256"]:
         raise ArchiveError(f"bundled file {entry['path']!r} does not match its sha256; refused")
     try:
-        data.decode("utf-8")
+        text = data.decode("utf-8")
     except UnicodeDecodeError:
         raise ArchiveError(f"bundled file {entry['path']!r} is not UTF-8 text") from None
+    # The source a maintainer reads must be the source that runs (no bidi
+    # overrides or terminal controls making it display otherwise).
+    check_text(entry["path"], text)
     return data
 
 

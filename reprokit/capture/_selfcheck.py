@@ -33,12 +33,15 @@ def self_check(
     """
     args = [path, *(trust or TrustPolicy()).to_argv()]
     env = dict(os.environ)
-    # The reporter's own modules must import exactly as they did in this process.
-    env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
     env["JAX_ENABLE_COMPILATION_CACHE"] = "false"
     started = time.perf_counter()
     try:
-        result = run_worker("reprokit.capture._selfcheck", args, env=env, timeout=timeout)
+        # The reporter's own modules must import as they did in this process:
+        # the worker is isolated (`python -I`) but appends this process's
+        # import path, the reporter's current folder included.
+        result = run_worker(
+            "reprokit.capture._selfcheck", args, env=env, timeout=timeout, keep_cwd=True
+        )
     except WorkerFailed as error:
         return {"ran": False, "error": f"the replay failed: {error}"}
     elapsed = time.perf_counter() - started

@@ -67,12 +67,14 @@ _PROBE_TIMEOUT_S = 60.0
 
 
 def _flags_start_jax(flags: list[str], timeout: float) -> bool:
+    from reprokit._workers import python_command, worker_env
+
     env = dict(os.environ)
     env["XLA_FLAGS"] = " ".join(flags)
     try:
         result = subprocess.run(
-            [sys.executable, "-c", _PROBE],
-            env=env,
+            python_command(code=_PROBE),  # isolated, as every child interpreter
+            env=worker_env(env),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,

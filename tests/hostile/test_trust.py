@@ -70,3 +70,49 @@ def test_verify_inspect_and_run_say_whether_replay_py_is_ours(base, tmp_path):
     assert ran.returncode == 0, ran.stderr
     assert "warning: replay.py in this archive differs" in ran.stderr
     assert "differs" not in run_reprokit("run", base).stderr
+
+
+# ------------------------------------------------------------------ class 3
+
+_PLANTED = (
+    "import os\n"
+    "open(os.path.join(os.getcwd(), 'PLANTED-MODULE-RAN'), 'w').write(__file__)\n"
+    "raise ImportError('planted json.py')\n"
+)
+
+
+def test_sweep_workers_never_import_a_file_planted_in_the_current_folder(base, tmp_path):
+    """`reprokit run --sweep` from a folder holding a planted json.py: no worker imports it."""
+    folder = tmp_path / "extracted"
+    folder.mkdir()
+    (folder / "json.py").write_text(_PLANTED)
+    (folder / "numpy.py").write_text(_PLANTED)
+    command = Path(sys.executable).with_name("reprokit")
+    env = subprocess_env()
+    env["PYTHONSAFEPATH"] = ""  # not relied on: -I must do it
+    done = subprocess.run(
+        [str(command), "run", str(base), "--sweep", "--json"],
+        cwd=folder,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        stdin=subprocess.DEVNULL,
+    )
+    assert not (folder / "PLANTED-MODULE-RAN").exists(), done.stderr[-2000:]
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = json.loads(done.stdout)["sweep"]
+    workers = [row for row in rows if row["condition"].startswith("x64")]
+    assert workers and all(row["ran"] for row in workers), rows
+
+
+def test_every_child_interpreter_is_started_isolated():
+    """No module of reprokit starts `sys.executable` except through the isolated command."""
+    offenders = []
+    for path in (HERE.parents[1] / "reprokit").rglob("*.py"):
+        if path.name == "_workers.py":
+            continue
+        text = path.read_text()
+        if "sys.executable" in text and "python_command" not in text:
+            offenders.append(str(path))
+    assert offenders == [] or all("bisecting" in o for o in offenders), offenders
