@@ -318,6 +318,13 @@ def refusal(name: str, what: str, module: str) -> str:
     root = module.split(".")[0]
     # Never advise --allow-module for the standard library or reprokit's own
     # dependencies: an archive naming os:system must not get that advice printed.
+    if root in ("penzai", "flax") and is_public_module(module):
+        # Reviewed libraries: --allow-module cannot help, a newer reprokit may.
+        return (
+            f"archive names the {what} {name!r}, which is not on reprokit's allow-list of "
+            f"reviewed {root} names (SECURITY.md lists them); if it should be, upgrade "
+            "reprokit or report it to reprokit's maintainers"
+        )
     if root == "penzai" or root in _NEVER_USER_ROOTS or not is_public_module(module):
         return f"archive names the {what} {name!r}, which is not on reprokit's allow-list"
     return (
