@@ -331,45 +331,9 @@ def pack(
             return
         if find_check and (gather or shards_dir):
             raise UsageError("--gather and --shards-dir (several processes) go with --select")
-        if find_check:
-            _find_and_pack(
-                model,
-                argument,
-                side_inputs,
-                find_check,
-                keypath=keypath,
-                call=call,
-                explain=explain,
-                out=out,
-                mode=mode,
-                as_json=as_json,
-                quiet=quiet,
-                note=note,
-                signature=signature,
-                allow_modules=allow_modules,
-                check=check,
-                redact=list(redact),
-                max_size=max_size,
-                bundle_code=bundle_code,
-                compress=compress,
-            )
-            return
-        if explain:
-            raise UsageError("--explain goes with --find CHECK")
-        if not keypath:
-            raise UsageError(
-                "choose the layer with --select KEYPATH (list them with --list), or let "
-                "--find nonfinite|exception|mismatch find it"
-            )
-        from reprokit.capture._pack import pack as pack_fn
+        from reprokit.capture._options import PackOptions
 
-        selection = select_keypath(model, keypath)
-        out = out or f"{type(selection.get()).__name__.lower()}.repro.zip"
-        result = pack_fn(
-            selection,
-            argument,
-            side_inputs=side_inputs,
-            out=out,
+        options = PackOptions(
             note=note,
             call=call,
             signature=signature,
@@ -379,9 +343,37 @@ def pack(
             redact=list(redact),
             max_size=max_size,
             bundle_code=bundle_code,
+            compress=compress,
             gather=gather,
             shards_dir=shards_dir,
-            compress=compress,
+        )
+        if find_check:
+            _find_and_pack(
+                model,
+                argument,
+                side_inputs,
+                find_check,
+                keypath=keypath,
+                explain=explain,
+                out=out,
+                as_json=as_json,
+                quiet=quiet,
+                options=options,
+            )
+            return
+        if explain:
+            raise UsageError("--explain goes with --find CHECK")
+        if not keypath:
+            raise UsageError(
+                "choose the layer with --select KEYPATH (list them with --list), or let "
+                "--find nonfinite|exception|mismatch find it"
+            )
+        from reprokit.capture._pack import pack_selection
+
+        selection = select_keypath(model, keypath)
+        out = out or f"{type(selection.get()).__name__.lower()}.repro.zip"
+        result = pack_selection(
+            selection, argument, side_inputs=side_inputs, out=out, options=options
         )
         if as_json:
             _echo_measured_json(dataclasses.asdict(result))
@@ -396,29 +388,32 @@ def _find_and_pack(
     find_check,
     *,
     keypath,
-    call,
     explain,
     out,
-    mode,
     as_json,
     quiet,
-    **options,
+    options,
 ):
-    """`pack --find CHECK`: locate the layer (reprokit.search), then pack the call it found."""
+    """`pack --find CHECK`: locate the layer (reprokit.search), then pack the call it found.
+
+    `options.mode` is the mode the search runs the model in; the call is the one it finds.
+    """
     from penzai import pz
 
-    from reprokit.capture._find import search
+    from reprokit.capture._find import pack_found, search
 
     if keypath:
         raise UsageError("pass either --select KEYPATH or --find CHECK, not both")
-    if call is not None:
+    if options.call is not None:
         raise UsageError("--find picks the call that misbehaved; drop --call")
     if not isinstance(model, pz.nn.Layer):
         raise UsageError(
             f"the target returned a {type(model).__name__} as model, not a pz.nn.Layer"
         )
     try:
-        found = search(model, argument, side_inputs=side_inputs, check=find_check, mode=mode)
+        found = search(
+            model, argument, side_inputs=side_inputs, check=find_check, mode=options.mode
+        )
     except ReprokitError as error:
         if explain and getattr(error, "report", None) and not as_json:
             click.echo(error.report)
@@ -426,8 +421,10 @@ def _find_and_pack(
     if explain and not as_json:
         click.echo(found.report)
         click.echo()
-    result = found.pack(
-        out or f"{found.layer_type.rsplit('.', 1)[-1].lower()}.repro.zip", **options
+    result = pack_found(
+        found,
+        out=out or f"{found.layer_type.rsplit('.', 1)[-1].lower()}.repro.zip",
+        options=options,
     )
     if as_json:
         payload = {**dataclasses.asdict(result), "found_by": found.found_by}
@@ -443,17 +440,11 @@ def _find_and_pack(
 # ------------------------------------------------------------------ run
 
 
-def _put_recorded_xla_flags(path: str) -> list[str]:
+def _put_recorded_xla_flags(manifest: dict) -> list[str]:
     """Sets the archive's XLA flags before jax starts; returns notes on flags left out."""
     if "jax" in sys.modules:
         return []
-    from reprokit.replaying._replay import open_archive
-
-    opened = open_archive(path, _limits())
-    try:
-        flags = opened.manifest["environment"].get("xla_flags") or []
-    finally:
-        opened.close()
+    flags = manifest["environment"].get("xla_flags") or []
     flags = [f for f in flags if isinstance(f, str)]
     current = os.environ.get("XLA_FLAGS", "").split()
     if not flags or flags == current:
@@ -554,17 +545,21 @@ def run(
     """
     with _reported_errors(debug, EXIT_INVALID_ARCHIVE):
         _check_output_options(as_json, quiet)
-        notes = _put_recorded_xla_flags(archive)
-        from reprokit.replaying import _variants
-        from reprokit.replaying._replay import load, replay_loaded
+        from reprokit.archive._open import open_archive
+        from reprokit.archive._trust import TrustPolicy
 
-        loaded = load(
-            archive,
-            allow_modules=allow_modules,
-            limits=_limits(),
-            mesh=mesh,
-            trust_code=trust_code,
-        )
+        trust = TrustPolicy(allow_modules, trust_code)
+        # Opened once, before jax starts: the recorded XLA flags must be set first.
+        opened = open_archive(archive, _limits(), allow_modules=trust.modules)
+        try:
+            notes = _put_recorded_xla_flags(opened.manifest)
+        except BaseException:
+            opened.close()
+            raise
+        from reprokit.replaying import _variants
+        from reprokit.replaying._replay import load_archive, replay_loaded
+
+        loaded = load_archive(opened, trust, mesh=mesh)
         verdict = replay_loaded(loaded, stablehlo=stablehlo)
         if notes:
             verdict = _with_notes(verdict, notes)
@@ -573,10 +568,10 @@ def run(
             extras["repeat"] = _variants.repeat(loaded, repeat)
         if reference:
             extras["reference"] = _variants.reference(
-                archive, loaded, reference, allow_modules, trust_code=trust_code
+                archive, loaded, reference, trust, limits=_limits()
             )
         if sweep:
-            extras["sweep"] = _variants.sweep(archive, loaded, allow_modules, trust_code=trust_code)
+            extras["sweep"] = _variants.sweep(archive, loaded, trust, limits=_limits())
         if as_json:
             payload = verdict.as_dict()
             if "sweep" in extras:
@@ -733,9 +728,11 @@ def inspect(
     with _reported_errors(debug, EXIT_INVALID_ARCHIVE):
         _check_output_options(as_json, quiet)
         if html_out:
-            _write_html(archive, html_out, allow_modules, trust_code, as_json, quiet)
+            from reprokit.archive._trust import TrustPolicy
+
+            _write_html(archive, html_out, TrustPolicy(allow_modules, trust_code), as_json, quiet)
             return
-        from reprokit.replaying._replay import open_archive
+        from reprokit.archive._open import open_archive
         from reprokit.views._inspect import archive_statistics, describe_archive
 
         # Every member's CRC is checked: the sha256 reads the whole file anyway.
@@ -757,15 +754,11 @@ def inspect(
             click.echo(describe_archive(opened.manifest, opened.structure, sha256, statistics))
 
 
-def _write_html(
-    archive: str, out: str, allow_modules, trust_code: bool, as_json: bool, quiet: bool
-) -> None:
+def _write_html(archive: str, out: str, trust, as_json: bool, quiet: bool) -> None:
     from reprokit.archive._format import human_bytes
     from reprokit.views._inspect import write_html
 
-    size = write_html(
-        archive, out, allow_modules=allow_modules, limits=_limits(), trust_code=trust_code
-    )
+    size = write_html(archive, out, trust=trust, limits=_limits())
     if as_json:
         click.echo(json.dumps({"archive": archive, "html": out, "bytes": size}, indent=1))
     elif not quiet:
@@ -802,7 +795,7 @@ def env(diff_archive, as_json, quiet, debug):
 
         recorded = None
         if diff_archive:
-            from reprokit.replaying._replay import open_archive
+            from reprokit.archive._open import open_archive
 
             # Read before jax starts: only the manifest is needed.
             opened = open_archive(diff_archive, _limits())
@@ -878,9 +871,10 @@ def verify(archive, as_json, quiet, allow_modules, debug):
     """
     with _reported_errors(debug, EXIT_INVALID_ARCHIVE):
         _check_output_options(as_json, quiet)
+        from reprokit.archive._trust import TrustPolicy
         from reprokit.archive._verify import verify_archive
 
-        report = verify_archive(archive, allow_modules=allow_modules, limits=_limits())
+        report = verify_archive(archive, trust=TrustPolicy(allow_modules), limits=_limits())
         if as_json:
             click.echo(json.dumps(report.as_dict(), indent=1))
         elif not quiet:
