@@ -26,12 +26,15 @@ from penzai import pz
 from reprokit._errors import CaptureError, UsageError
 from reprokit.capture._culprit import _find_culprit
 from reprokit.capture._find_report import _found_by, _header, _not_found_message, _render
+from reprokit.capture._options import PackOptions
 from reprokit.capture._probe import _layer_names, _run, _Session, tracing
 from reprokit.capture._reference import _reference_values
 from reprokit.capture._shipping import capture_call, inside_layer_stack
 
 CHECKS = ("nonfinite", "exception", "mismatch")
 FIND_MODES = ("eager", "jit")
+# `PackOptions` fields that `search` decides (or that only `pack` across processes uses).
+_CHOSEN_BY_SEARCH = frozenset({"call", "mode", "gather", "shards_dir"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,40 +70,22 @@ class FindResult:
     side_inputs: dict = dataclasses.field(repr=False)
     mode: str | None = None
 
-    def pack(
-        self,
-        out: str = "layer.repro.zip",
-        *,
-        note: str = "",
-        signature: str | None = None,
-        allow_modules: tuple[str, ...] | list[str] = (),
-        check: bool = True,
-        redact: Any = None,
-        max_size: str | int | None = None,
-        bundle_code: bool = False,
-        compress: bool = False,
-    ):
+    def pack(self, out: str = "layer.repro.zip", **options: Any):
         """Captures the culprit's call again and packs it; the archive records how it was found.
 
-        The options are `reprokit.pack`'s. The model runs once more, from the
-        state it had when `search` ran, and the call `search` found is kept;
-        the manifest's `found_by` holds `self.found_by`.
+        The options are `reprokit.pack`'s (note, signature, allow_modules,
+        check, redact, max_size, bundle_code, compress) but those that choose
+        the call: the model runs once more, from the state it had when
+        `search` ran, and the call `search` found is kept; the manifest's
+        `found_by` holds `self.found_by`.
 
         Returns:
           The `PackResult` of the written archive.
         """
-        return pack_found(
-            self,
-            out=out,
-            note=note,
-            signature=signature,
-            allow_modules=allow_modules,
-            check=check,
-            redact=redact,
-            max_size=max_size,
-            bundle_code=bundle_code,
-            compress=compress,
-        )
+        chosen = sorted(set(options) & _CHOSEN_BY_SEARCH)
+        if chosen:
+            raise TypeError(f"FindResult.pack() got an unexpected keyword argument {chosen[0]!r}")
+        return pack_found(self, out=out, options=PackOptions(**options))
 
 
 def search(
@@ -275,15 +260,14 @@ def pack_found(
     *,
     out: str = "layer.repro.zip",
     extra_found_by: dict | None = None,
-    **options: Any,
+    options: PackOptions | None = None,
 ):
     """Packs the call `result` points at, recording in the manifest how it was found.
 
-    `options` are `write_archive`'s (note, signature, allow_modules, check,
-    redact, max_size, bundle_code, compress).
+    `options` are the caller's `PackOptions`; their `call` and `mode` are not
+    used (`result` says which call, and the mode it was found in).
     """
-    from reprokit.capture._pack import write_archive
-    from reprokit.views._issue import write_issue_snippet
+    from reprokit.capture._write import write_archive
 
     out = os.fspath(out)
     if not out.endswith(".zip"):
@@ -310,7 +294,7 @@ def pack_found(
             f"(packing runs the layer in {mode} mode: try mode='jit' or mode='eager')"
         )
     found_by = {**(extra_found_by or {}), **result.found_by}
-    packed = write_archive(
+    return write_archive(
         record,
         out=out,
         keypath=result.keypath,
@@ -318,6 +302,5 @@ def pack_found(
         mode=mode,
         call_count=count,
         extra_manifest={"found_by": found_by},
-        **options,
+        options=options,
     )
-    return dataclasses.replace(packed, issue_path=write_issue_snippet(packed.path))

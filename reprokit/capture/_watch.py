@@ -44,6 +44,7 @@ from penzai.toolshed.jit_wrapper import Jitted
 from reprokit._errors import ReprokitError, UsageError
 from reprokit.capture._capture import capture_calls, selected_layer
 from reprokit.capture._find import FindResult, pack_found, search
+from reprokit.capture._options import PackOptions
 from reprokit.capture._probe import _array_leaves, _is_inexact, _received_leaves, _stack_axes
 from reprokit.capture._shipping import ship
 
@@ -172,18 +173,14 @@ class _Watch:
         out: str,
         max_archives: int,
         on_fault: str,
-        note: str,
-        allow_modules: tuple[str, ...],
-        self_check: bool,
+        options: PackOptions,
     ):
         self.keypath = keypath
         self.check = check
         self.out = out
         self.max_archives = max_archives
         self.on_fault = on_fault
-        self.note = note
-        self.allow_modules = allow_modules
-        self.self_check = self_check
+        self.options = options
         self.archives: list = []
         self.faults: list[dict] = []
         self.model_calls = 0
@@ -325,10 +322,8 @@ class _Watch:
         return pack_found(
             result,
             out=self._path(),
-            note=self.note,
-            allow_modules=self.allow_modules,
             extra_found_by={"watch": watch_info},
-            check=self.self_check,
+            options=self.options,
         )
 
     def _on_trip(
@@ -526,8 +521,6 @@ def watch(
         out=out,
         max_archives=max_archives,
         on_fault=on_fault,
-        note=note,
-        allow_modules=tuple(allow_modules),
-        self_check=self_check,
+        options=PackOptions(note=note, allow_modules=tuple(allow_modules), check=self_check),
     )
     return Watched(body=body, session=session)
