@@ -114,13 +114,20 @@ class BisectResult:
     @property
     def notes(self) -> tuple[str, ...]:
         """Caveats the table implies: releases counted good although the layer raised."""
+        notes = []
         other = [row.version for row in self.rows if row.status == NOT_REPRODUCED and row.error]
-        if not other:
-            return ()
-        return (
-            f"on {', '.join(other)} the layer raised an error other than the recorded one: "
-            "'not reproduced' there means the recorded issue did not occur, not that the layer works",
-        )
+        if other:
+            notes.append(
+                f"on {', '.join(other)} the layer raised an error other than the recorded one: "
+                "'not reproduced' there means the recorded issue did not occur, not that the layer works"
+            )
+        skipped = [row.version for row in self.rows if not row.counted]
+        if skipped and any(row.counted for row in self.rows):
+            notes.append(
+                f"{len(skipped)} release{'s' if len(skipped) > 1 else ''} could not be replayed "
+                f"({', '.join(skipped)}): the conclusion covers only the others"
+            )
+        return tuple(notes)
 
     def row(self, version: str) -> BisectRow | None:
         return next((row for row in self.rows if row.version == version), None)
@@ -316,7 +323,11 @@ def conclude(
     if len(runs) == 1:
         reproduces = runs[0][0].status == REPRODUCED
         where = f"({_span(first, last)})"
-        if reproduces:
+        if len(counted) == 1:
+            verb = "reproduces" if reproduces else "does not reproduce"
+            text = f"{verb} on {package} {first}, the only release tried that could be replayed"
+            text += " (the latest)" if is_latest else ""
+        elif reproduces:
             text = f"reproduces on every {package} release tried {where}"
             text += ", latest included" if is_latest else ""
         else:

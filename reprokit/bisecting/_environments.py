@@ -300,6 +300,9 @@ def _one_line_uv_error(stderr: str) -> str:
             continue
         lines.append(line)
     text = " ".join(lines) or "uv failed without saying why"
+    # uv explains a failed resolution in chained sentences; the first says why.
+    if text.startswith("Because ") and ". " in text:
+        text = text[: text.index(". ") + 1]
     return " ".join(text.split())[:400]
 
 
