@@ -673,7 +673,7 @@ def bisect(
       reprokit bisect bug.repro.zip --versions 0.5.0,0.6.0,0.7.0 --all
       reprokit bisect bug.repro.zip --package penzai --json
     """
-    with _reported_errors(debug, EXIT_INVALID_ARCHIVE):
+    with _reported_errors(debug, EXIT_REPLAY_FAILED):
         _check_output_options(as_json, quiet)
         from reprokit.bisecting._bisect import bisect as run_bisect
 

@@ -477,6 +477,9 @@ class Builder:
             }
             # Written last: an environment without it is incomplete and never used.
             (staging / _METADATA).write_text(json.dumps(metadata, indent=1))
+            if final.exists() and self._read(final) is None:
+                # Not ours (renames are atomic): a folder tampered with, or half deleted.
+                shutil.rmtree(final, ignore_errors=True)
             try:
                 os.rename(staging, final)
             except OSError:
