@@ -26,7 +26,7 @@ import os
 
 from reprokit.archive import _format
 from reprokit.archive._container import Limits
-from reprokit.archive._open import open_archive
+from reprokit.archive._open import OpenedArchive, open_archive
 from reprokit.archive._structure import RECORD_PARTS, check_structure  # noqa: F401 (re-exported)
 from reprokit.archive._trust import TrustPolicy
 
@@ -74,7 +74,7 @@ class VerifyReport:
 
 
 def verify_archive(
-    path: str | os.PathLike[str],
+    path: str | os.PathLike[str] | OpenedArchive,
     *,
     trust: TrustPolicy | None = None,
     limits: Limits | None = None,
@@ -86,16 +86,26 @@ def verify_archive(
     loader's allow-list plus `trust.modules`, by the rules alone. Imports
     neither jax nor penzai and no module the archive names.
 
+    `path` may also be an archive the caller opened with `open_archive(...,
+    verify_members=True)` (so that a command reads its archive once); the
+    caller then closes it, and `trust` and `limits` were the caller's to apply.
+
     Raises:
         ArchiveError: the archive is invalid or names something refused.
     """
+    if isinstance(path, OpenedArchive):
+        return _report(path)
     modules = trust.modules if trust is not None else ()
     opened = open_archive(path, limits, allow_modules=modules, verify_members=True)
     try:
-        sha256 = opened.reader.sha256()
-        members = len(opened.reader.names)
+        return _report(opened)
     finally:
         opened.close()
+
+
+def _report(opened: OpenedArchive) -> VerifyReport:
+    sha256 = opened.reader.sha256()
+    members = len(opened.reader.names)
     manifest = opened.manifest
     layer = manifest["layer"]
     return VerifyReport(
