@@ -14,10 +14,12 @@ computes in the recorded mode.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import sys
 import traceback
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -190,12 +192,16 @@ def capture_calls(
         )
         mode = "jit"
     model_exception = None
-    try:
-        model(argument, **side_inputs)
-    except ReprokitError:
-        raise
-    except Exception as error:
-        model_exception = exception_info(error)
+    # The capturer advances the model's state as the real run would (later layers
+    # see the updated cache), so every StateVariable is put back afterwards: a user
+    # packing inside a decoding loop must find their KV cache where they left it.
+    with preserved_state((selection.deselect(), argument, side_inputs)):
+        try:
+            model(argument, **side_inputs)
+        except ReprokitError:
+            raise
+        except Exception as error:
+            model_exception = exception_info(error)
     layer_type = f"{type(layer).__module__}.{type(layer).__qualname__}"
     if not calls.value:
         if model_exception is not None:
@@ -211,6 +217,23 @@ def capture_calls(
         layer_type=layer_type,
         model_exception=model_exception,
     )
+
+
+@contextlib.contextmanager
+def preserved_state(tree: Any) -> Iterator[None]:
+    """Puts every StateVariable in `tree` back to its value on entry, however the block ends.
+
+    KV caches (`cache_end_index`), counters and `RandomStream` offsets all live
+    in StateVariables; a capture runs the user's model and must leave it as it
+    found it.
+    """
+    _, variables = pz.unbind_variables(tree)
+    saved = [(var, var.value) for var in variables if isinstance(var, pz.StateVariable)]
+    try:
+        yield
+    finally:
+        for var, value in saved:
+            var.value = value
 
 
 def choose_call(capture: Capture, call: int | None = None) -> CallRecord:

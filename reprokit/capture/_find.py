@@ -85,7 +85,13 @@ class FindResult:
         chosen = sorted(set(options) & _CHOSEN_BY_SEARCH)
         if chosen:
             raise TypeError(f"FindResult.pack() got an unexpected keyword argument {chosen[0]!r}")
-        return pack_found(self, out=out, options=PackOptions(**options))
+        quiet = options.pop("quiet", False)
+        result = pack_found(self, out=out, options=PackOptions(**options))
+        if not quiet:
+            from reprokit.capture._pack import tell_user
+
+            tell_user(result.summary())
+        return result
 
 
 def search(

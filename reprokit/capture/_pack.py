@@ -13,6 +13,7 @@ multi-process path (`reprokit.capture._multihost`) takes over.
 from __future__ import annotations
 
 import os
+import sys
 from typing import Any
 
 from reprokit._errors import UsageError
@@ -43,6 +44,7 @@ def pack(
     gather: bool = False,
     shards_dir: str | os.PathLike | None = None,
     compress: bool = False,
+    quiet: bool = False,
 ) -> PackResult:
     """Captures the layer picked by `selection` while its model runs on `argument`, and packs it.
 
@@ -81,6 +83,9 @@ def pack(
       shards_dir: with several jax processes, a folder reachable by all of
         them, in which each writes its shards (into `NAME.repro.zip.shards`,
         removed afterwards); default: the folder of `out`.
+      quiet: print nothing. Otherwise, in a terminal or a notebook, pack
+        prints the same short summary as `reprokit pack` (the result keeps
+        it: `result.summary()`).
 
     Several jax processes (`jax.process_count() > 1`): call `pack` on every
     process; process 0 writes the archive (see `reprokit.capture._multihost`).
@@ -88,7 +93,7 @@ def pack(
     Returns:
       A `PackResult` describing the archive.
     """
-    return pack_selection(
+    result = pack_selection(
         selection,
         argument,
         side_inputs=side_inputs,
@@ -108,6 +113,31 @@ def pack(
             shards_dir=shards_dir,
         ),
     )
+    if not quiet:
+        tell_user(result.summary())
+    return result
+
+
+def interactive() -> bool:
+    """Whether a person reads this process's output: a terminal, or a Jupyter/IPython kernel."""
+    if "ipykernel" in sys.modules or "IPython" in sys.modules:
+        try:
+            from IPython import get_ipython
+
+            if get_ipython() is not None:
+                return True
+        except Exception:
+            pass
+    try:
+        return sys.stdout.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+def tell_user(text: str) -> None:
+    """Prints `text` when a person is reading (the Python API talks like the CLI)."""
+    if interactive():
+        print(text, flush=True)
 
 
 def pack_selection(
