@@ -322,12 +322,20 @@ def pack(
         fn = load_target(target)
         model, argument, side_inputs = call_target(fn, target)
         if list_layers:
+            from reprokit.capture._target import flax_paths
+
             layers = all_layers(model)
+            flax = flax_paths(model)  # unflaxified Flax models: their module paths too
             if as_json:
-                click.echo(json.dumps([{"keypath": p, "type": k} for p, k in layers], indent=1))
+                rows = [
+                    {"keypath": p, "type": k, **({"flax_path": flax[p]} if p in flax else {})}
+                    for p, k in layers
+                ]
+                click.echo(json.dumps(rows, indent=1))
             elif not quiet:
                 for path, kind in layers:
-                    click.echo(f"{kind:32} {path or '(root)'}")
+                    extra = f"  [flax {flax[path]}]" if path in flax else ""
+                    click.echo(f"{kind:32} {path or '(root)'}{extra}")
             return
         if find_check and (gather or shards_dir):
             raise UsageError("--gather and --shards-dir (several processes) go with --select")

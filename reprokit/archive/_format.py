@@ -17,6 +17,14 @@ from reprokit._errors import ArchiveError
 
 FORMAT_NAME = "reprokit"
 _VERSION = re.compile(r"[0-9][0-9A-Za-z.+-]{0,30}")
+# A Flax module path as `reprokit.record._flax.flax_path` writes it (`Encoder/LayerNorm_0`).
+FLAX_PATH = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_./-]{0,499}")
+
+
+def flax_suffix(layer: dict) -> str:
+    """` (Flax module Encoder/LayerNorm_0)` for a layer of penzai's Flax bridge, else ''."""
+    path = layer.get("flax_path")
+    return f" (Flax module {path})" if isinstance(path, str) and FLAX_PATH.fullmatch(path) else ""
 FORMAT_VERSION = 1
 
 MANIFEST = "manifest.json"
@@ -88,6 +96,9 @@ def check_manifest(manifest: Any) -> dict:
     _expect(manifest, "layer", dict)
     _expect(manifest["layer"], "keypath", str)
     _expect(manifest["layer"], "type", str)
+    if "flax_path" in manifest["layer"]:
+        # Printed beside the keypath everywhere (replay.py's comments too).
+        _expect(manifest["layer"], "flax_path", str, FLAX_PATH.fullmatch)
     _expect(manifest, "call", dict)
     _expect(manifest, "signature", dict, lambda v: v.get("kind") in SIGNATURE_KINDS)
     sig = manifest["signature"]

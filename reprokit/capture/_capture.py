@@ -29,6 +29,7 @@ from penzai.toolshed.jit_wrapper import Jitted
 from reprokit._errors import CaptureError, ReprokitError, UsageError
 from reprokit.portable._calling import MODES, call_layer, exception_info, outcome_from_call
 from reprokit.portable._verdict import nonfinite_counts
+from reprokit.record import _flax
 
 _TRACEBACK_FRAMES = 8
 
@@ -66,6 +67,8 @@ class Capture:
     keypath: str
     layer_type: str
     model_exception: dict | None
+    # The Flax module path (`Encoder/LayerNorm_0`) of a layer from penzai's unflaxify.
+    flax_path: str | None = None
 
 
 class _Sink:
@@ -216,6 +219,7 @@ def capture_calls(
         keypath=keypath,
         layer_type=layer_type,
         model_exception=model_exception,
+        flax_path=_flax.flax_path(selection.deselect(), next(iter(selection.selected_by_path))),
     )
 
 

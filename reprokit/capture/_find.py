@@ -30,6 +30,7 @@ from reprokit.capture._options import PackOptions
 from reprokit.capture._probe import _layer_names, _run, _Session, tracing
 from reprokit.capture._reference import _reference_values
 from reprokit.capture._shipping import capture_call, inside_layer_stack
+from reprokit.record import _flax
 
 CHECKS = ("nonfinite", "exception", "mismatch")
 FIND_MODES = ("eager", "jit")
@@ -309,4 +310,7 @@ def pack_found(
         call_count=count,
         extra_manifest={"found_by": found_by},
         options=options,
+        flax_path=_flax.flax_path(
+            result.selection.deselect(), next(iter(result.selection.selected_by_path))
+        ),
     )

@@ -24,6 +24,7 @@ from reprokit.capture._culprit import (
 )
 from reprokit.capture._probe import _Call, _Session
 from reprokit.environment._scrub import scrub_text
+from reprokit.record import _flax
 
 # Above this many layers the report folds subtrees away from the culprit.
 _FULL_REPORT_LAYERS = 400
@@ -73,7 +74,10 @@ def _render(
     for s in sites:
         if s.index not in shown:
             continue
-        name = ("  " * s.depth) + (f"{s.segment}: {s.type_name}" if s.segment else s.type_name)
+        flax = _flax_path(session, s)
+        # A layer of penzai's Flax bridge is named as Flax names it.
+        type_name = f"flax {flax}" if flax else s.type_name
+        name = ("  " * s.depth) + (f"{s.segment}: {type_name}" if s.segment else type_name)
         calls = by_site.get(s.index, [])
         if not calls:
             # Called only while jit traced the model (which then raised), or never.
@@ -111,6 +115,11 @@ def _render(
     return "\n".join(lines)
 
 
+def _flax_path(session: _Session, site) -> str | None:
+    """`Encoder/LayerNorm_0` for a layer of penzai's unflaxify bridge, else None."""
+    return _flax.flax_path(session.sites[0].layer, site.keypath) if session.sites else None
+
+
 def _header(
     session: _Session,
     culprit: _Culprit | None,
@@ -129,7 +138,10 @@ def _header(
     if culprit is None:
         return lines
     site = session.sites[culprit.site]
-    lines.append(f"culprit: {site.keystr or '(the whole model)'}")
+    flax = _flax_path(session, site)
+    lines.append(
+        f"culprit: {site.keystr or '(the whole model)'}" + (f" (Flax module {flax})" if flax else "")
+    )
     where = f"call {culprit.call_index + 1} of {found_by['call_count']}"
     if found_by.get("block") is not None:
         axis, size = site.stack_axes[-1]

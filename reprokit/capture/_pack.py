@@ -186,6 +186,7 @@ def pack_selection(
         mode=capture.mode,
         call_count=len(capture.calls),
         options=options,
+        flax_path=capture.flax_path,
     )
 
 

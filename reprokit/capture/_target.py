@@ -65,8 +65,14 @@ def call_target(fn: Callable[[], Any], target: str) -> tuple[Any, Any, dict]:
 
 
 def select_keypath(model: Any, keypath: str) -> Any:
-    """The `pz.Selection` of the subtree whose `pz.pretty_keystr` is `keypath` (`--select`)."""
+    """The `pz.Selection` of the subtree whose `pz.pretty_keystr` is `keypath` (`--select`).
+
+    For a model from penzai's unflaxify bridge, `keypath` may also be the
+    Flax module path (`Encoder/LayerNorm_0`, as `--list` shows it).
+    """
     from penzai import pz
+
+    from reprokit.record._flax import flax_path
 
     if not isinstance(model, pz.nn.Layer):
         raise UsageError(
@@ -75,6 +81,10 @@ def select_keypath(model: Any, keypath: str) -> Any:
     selection = pz.select(model).at_subtrees_where(
         lambda kp, x: pz.pretty_keystr(kp, model) == keypath, with_keypath=True
     )
+    if selection.count() == 0:
+        selection = pz.select(model).at_subtrees_where(
+            lambda kp, x: flax_path(model, kp) == keypath, with_keypath=True
+        )
     if selection.count() == 0:
         known = [kp for kp, _ in all_layers(model)]
         known = [kp for kp in known if kp]
@@ -93,6 +103,21 @@ def all_layers(model: Any) -> list[tuple[str, str]]:
     for keypath, value in _walk_with_keypaths(model):
         if isinstance(value, pz.nn.Layer):
             out.append((pz.pretty_keystr(keypath, model), type(value).__name__))
+    return out
+
+
+def flax_paths(model: Any) -> dict[str, str]:
+    """keypath -> Flax module path (`Encoder/LayerNorm_0`) of every layer from penzai's unflaxify."""
+    from penzai import pz
+
+    from reprokit.record._flax import flax_path
+
+    out = {}
+    for keypath, value in _walk_with_keypaths(model):
+        if isinstance(value, pz.nn.Layer):
+            path = flax_path(model, keypath)
+            if path:
+                out[pz.pretty_keystr(keypath, model)] = path
     return out
 
 

@@ -188,3 +188,49 @@ def check_capture(value: Any, where: str) -> None:
             f"{where} is a Flax module attached to a parent module; pack the layers "
             "penzai.toolshed.unflaxify.unflaxify_apply returns (their modules are unbound clones)"
         )
+
+
+def flax_path(model: Any, keys: tuple) -> str | None:
+    """The Flax module path (`Encoder/LayerNorm_0`) of the layer at jax keypath `keys` in `model`.
+
+    None unless that layer is one of penzai's `InterceptedFlaxModuleMethod`s.
+    Each intercepted call along the way contributes its module's name (the
+    root module, which has none, its class name), as Flax names modules.
+    """
+    unflaxify = sys.modules.get("penzai.toolshed.unflaxify")
+    if unflaxify is None:
+        return None
+    intercepted = unflaxify.InterceptedFlaxModuleMethod
+    parts: list[str] = []
+    node = model
+    for key in (None, *keys):
+        if key is not None:
+            node = _step(node, key)
+            if node is _MISSING:
+                return None
+        if isinstance(node, intercepted):
+            module = node.module
+            part = getattr(module, "name", None) or type(module).__name__
+            if node.method_name != "__call__":
+                part += f".{node.method_name}"
+            parts.append(part)
+    if not isinstance(node, intercepted):
+        return None
+    from reprokit.archive._format import FLAX_PATH
+
+    path = "/".join(parts)
+    # A module named with spaces or quotes is shown by its keypath alone.
+    return path if FLAX_PATH.fullmatch(path) else None
+
+
+_MISSING = object()
+
+
+def _step(node: Any, key: Any) -> Any:
+    if hasattr(key, "name"):  # GetAttrKey
+        return getattr(node, key.name, _MISSING)
+    index = getattr(key, "key", getattr(key, "idx", _MISSING))
+    try:
+        return node[index]
+    except (KeyError, IndexError, TypeError):
+        return _MISSING

@@ -273,7 +273,8 @@ class Verdict:
         layer = self.manifest["layer"]
         lines = [
             format_verdict(self.details),
-            f"  layer: {layer['type']} at {layer['keypath']} (replayed {self.manifest['mode']})",
+            f"  layer: {layer['type']} at {layer['keypath']}{_format.flax_suffix(layer)} "
+            f"(replayed {self.manifest['mode']})",
         ]
         from reprokit.replaying._sharding import describe_topology
 

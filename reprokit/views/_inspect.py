@@ -129,7 +129,7 @@ def describe_archive(
         f"{manifest.get('reprokit_version', '?')} on {manifest.get('created', '?')}",
         f"sha256: {sha256}",
         f"recorded issue: {_format.describe_signature(manifest['signature'])}",
-        f"layer: {layer['type']} at {layer['keypath']}",
+        f"layer: {layer['type']} at {layer['keypath']}{_format.flax_suffix(layer)}",
         f"call: {call.get('index', 0) + 1} of {call.get('count', 1)}, captured {manifest['mode']}",
     ]
     if manifest["note"]:
@@ -437,7 +437,7 @@ def render_html(loaded: Any, sha256: str = "") -> str:
     esc = html.escape
     facts = [
         ("recorded issue", _format.describe_signature(manifest["signature"])),
-        ("layer", f"{layer['type']} at {layer['keypath'] or '(root)'}"),
+        ("layer", f"{layer['type']} at {layer['keypath'] or '(root)'}{_format.flax_suffix(layer)}"),
         (
             "call",
             f"{manifest['call'].get('index', 0) + 1} of {manifest['call'].get('count', 1)},"
