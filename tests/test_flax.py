@@ -210,3 +210,43 @@ def test_initializer_closures_are_recorded_as_their_factory_call():
     assert _flax.initializer_call(lambda key, shape: None) is None
     with pytest.raises(reprokit.ArchiveError):
         _flax.make_initializer("jax.nn.initializers:zeros", {})
+
+
+def test_find_names_the_layernorm_in_flax_terms_and_packs_it(tmp_path):
+    model, argument, _ = flax_models.encoder_call()
+    result = reprokit.search(model, argument, check="mismatch")
+    assert "Encoder/LayerNorm_0" in result.report.splitlines()[2]  # the culprit line
+    assert "flax Encoder/Dense_0" in result.report
+    packed = result.pack(tmp_path / "found.repro.zip", check=False)
+    with zipfile.ZipFile(packed.path) as archive:
+        manifest = json.loads(archive.read("manifest.json"))
+        script = archive.read("replay.py").decode()
+    assert manifest["layer"]["flax_path"] == "Encoder/LayerNorm_0"
+    assert "# Flax module:    Encoder/LayerNorm_0" in script
+    described = run_reprokit("inspect", packed.path)
+    assert "(Flax module Encoder/LayerNorm_0)" in described.stdout
+
+
+TARGET = """
+import flax_models
+
+def make_call():
+    model, argument, _ = flax_models.encoder_call()
+    return model, argument
+"""
+
+
+def test_cli_lists_flax_paths_and_selects_by_them(tmp_path):
+    (tmp_path / "target.py").write_text(TARGET)
+    listed = run_reprokit("pack", f"{tmp_path / 'target.py'}:make_call", "--list", "--json")
+    assert listed.returncode == 0, listed.stderr
+    rows = json.loads(listed.stdout)
+    assert {row.get("flax_path") for row in rows} >= {"Encoder", "Encoder/LayerNorm_0"}
+    out = tmp_path / "selected.repro.zip"
+    packed = run_reprokit(
+        "pack", f"{tmp_path / 'target.py'}:make_call", "--select", "Encoder/LayerNorm_0",
+        "--no-check", "-o", out,
+    )
+    assert packed.returncode == 0, packed.stderr
+    code, verdict = run_json("run", out)
+    assert code == 0 and verdict["layer"]["flax_path"] == "Encoder/LayerNorm_0"
