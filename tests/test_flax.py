@@ -250,3 +250,20 @@ def test_cli_lists_flax_paths_and_selects_by_them(tmp_path):
     assert packed.returncode == 0, packed.stderr
     code, verdict = run_json("run", out)
     assert code == 0 and verdict["layer"]["flax_path"] == "Encoder/LayerNorm_0"
+
+
+def test_flax_layernorm_example_finds_packs_and_replays(tmp_path):
+    from conftest import REPO
+
+    done = subprocess.run(
+        [sys.executable, str(REPO / "examples" / "flax_layernorm.py")],
+        capture_output=True, text=True, cwd=tmp_path, env=subprocess_env(), timeout=300,
+        stdin=subprocess.DEVNULL,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "flax Encoder/LayerNorm_0" in done.stdout and "<== CULPRIT" in done.stdout
+    assert "replayed: reproduced" in done.stdout
+    code, verdict = run_json(
+        "run", tmp_path / "flax-layernorm.repro.zip", "--reference", "float64", cwd=tmp_path
+    )
+    assert code == 0 and verdict["reference"]["leaves"][0]["recorded_max_rel_error"] > 0.01
