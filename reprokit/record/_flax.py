@@ -99,8 +99,11 @@ def make_initializer(name: str, kwargs: dict[str, Any]) -> Any:
         raise ArchiveError(f"archive calls {name!r} with arguments it does not take")
     try:
         return factory(**kwargs)
-    except (TypeError, ValueError) as error:
-        raise ArchiveError(f"archive calls {name!r} with bad arguments ({error})") from None
+    except Exception as error:  # the factory refusing archive-chosen values is a bad archive
+        message = " ".join(str(error).split())[:200]
+        raise ArchiveError(
+            f"archive calls {name!r} with bad arguments ({type(error).__name__}: {message})"
+        ) from None
 
 
 def is_flax_module_class(cls: type) -> bool:
