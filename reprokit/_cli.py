@@ -192,10 +192,12 @@ def main() -> None:
 @click.option(
     "--find",
     "find_check",
-    type=click.Choice(["nonfinite", "exception", "mismatch"]),
+    type=click.Choice(["nonfinite", "exception", "mismatch", "inf"]),
     default=None,
     help="Instead of --select: find the misbehaving layer in one instrumented pass (innermost "
     "layer with well-behaved inputs), then pack it; the archive records how it was found. "
+    "nonfinite follows a NaN to the layer that made it (a mask's -inf is by design); inf "
+    "blames the first layer returning NaN/Inf. "
     "With --find, --mode runs the whole model eagerly or under jit.",
 )
 @click.option(

@@ -46,11 +46,17 @@ def _tolerance(call: _Call, tolerance: float | None) -> float:
 
 
 def _misbehaves(call: _Call, check: str, tolerance: float | None) -> bool:
-    """The culprit test: bad output from well-behaved inputs."""
+    """The culprit test: bad output from well-behaved inputs.
+
+    "nonfinite" and "inf": NaN/Inf out of finite inputs; "nan": NaN out of
+    NaN-free inputs (±Inf in is fine: a mask's -inf is by design).
+    """
     if call.received is None or call.returned is None:
         return False
-    if check == "nonfinite":
+    if check in ("nonfinite", "inf"):
         return _bad(call.received) == 0 and _bad(call.returned) > 0
+    if check == "nan":
+        return call.received["nan"] == 0 and call.returned["nan"] > 0
     if check == "mismatch":
         error_in, error_out = call.received.get("error"), call.returned.get("error")
         if error_in is None or error_out is None:
@@ -67,6 +73,11 @@ class _Culprit:
     call: _Call | None
     while_tracing: bool = False
     exception: dict | None = None
+    # For the non-finite checks: "nan" (the NaN was followed) or "nonfinite"
+    # (the first NaN/Inf out of finite inputs), and the ±Inf producers that ran
+    # before the culprit (context: a mask's -inf that a Softmax turned into NaN).
+    rule: str | None = None
+    inf_producers: tuple[_Call, ...] = ()
 
 
 def _find_culprit(session: _Session, error: BaseException | None, tolerance) -> _Culprit | None:
@@ -82,10 +93,65 @@ def _find_culprit(session: _Session, error: BaseException | None, tolerance) -> 
                 return _Culprit(site, python_index, None, while_tracing=True, exception=info)
             seen = seen.__cause__ or seen.__context__
         return None
+    if session.check in ("nonfinite", "inf"):
+        return _nonfinite_culprit(session)
     for call in session.returned:
         if _misbehaves(call, session.check, tolerance):
             return _Culprit(call.site, call.index, call)
     return None
+
+
+def _model_returned_nan(session: _Session) -> bool:
+    return any(
+        call.returned is not None and call.returned["nan"] > 0
+        for call in session.calls
+        if call.parent is None
+    )
+
+
+def _nonfinite_culprit(session: _Session) -> _Culprit | None:
+    """Which layer is blamed for non-finite values (check "nonfinite" or "inf").
+
+    NaN is never intentional; ±Inf often is (a causal mask's -inf, -inf logits
+    for banned tokens). So when the model's output holds NaN, check="nonfinite"
+    follows the NaN: the culprit is the innermost layer that returned NaN from
+    NaN-free inputs (a Softmax over a fully masked row), or, before it, a
+    layer that returned NaN/Inf from finite inputs because its own parameters
+    hold NaN/Inf (a corrupted checkpoint is never by design). Otherwise, and
+    always with check="inf", the culprit is the first layer that returned
+    NaN/Inf from finite inputs, intentional -inf included. The ±Inf producers
+    that returned before the culprit are kept as context for the report.
+    """
+    follow_nan = session.check == "nonfinite" and _model_returned_nan(session)
+    producers: list[_Call] = []
+    corrupted: dict[int, bool] = {}
+    for call in session.returned:
+        if not _misbehaves(call, "nonfinite", None):
+            if follow_nan and _misbehaves(call, "nan", None):
+                return _Culprit(
+                    call.site, call.index, call, rule="nan", inf_producers=tuple(producers)
+                )
+            continue
+        if not follow_nan:
+            return _Culprit(call.site, call.index, call, rule="nonfinite")
+        if call.returned["nan"] > 0:
+            return _Culprit(call.site, call.index, call, rule="nan", inf_producers=tuple(producers))
+        if call.site not in corrupted:
+            site = session.sites[call.site]
+            corrupted[call.site] = bool(_nonfinite_parameters(site, _block_of(call, session.sites)))
+        if corrupted[call.site]:
+            return _Culprit(call.site, call.index, call, rule="nonfinite")
+        if not any(_inside(producer, call) for producer in producers):
+            producers.append(call)  # the innermost producer, not the layers around it
+    return None
+
+
+def _inside(call: _Call | None, outer: _Call) -> bool:
+    while call is not None:
+        if call is outer:
+            return True
+        call = call.parent
+    return False
 
 
 def _block_of(call: _Call | None, sites: list[_Site]) -> int | None:

@@ -32,7 +32,7 @@ from reprokit.capture._reference import _reference_values
 from reprokit.capture._shipping import capture_call, inside_layer_stack
 from reprokit.record import _flax
 
-CHECKS = ("nonfinite", "exception", "mismatch")
+CHECKS = ("nonfinite", "exception", "mismatch", "inf")
 FIND_MODES = ("eager", "jit")
 # `PackOptions` fields that `search` decides (or that only `pack` across processes uses).
 _CHOSEN_BY_SEARCH = frozenset({"call", "mode", "gather", "shards_dir"})
@@ -216,6 +216,13 @@ def find(
         "nonfinite": the layer received only finite values (argument, side
         inputs, state) and returned NaN/Inf; its non-finite parameters
         (a corrupted checkpoint) count as its own fault and are reported.
+        When the model's output holds NaN, the NaN is followed: the culprit
+        is the innermost layer that returned NaN from NaN-free inputs (the
+        Softmax over a fully masked row, not the mask whose -inf is by
+        design) unless a layer with NaN/Inf parameters comes first; the ±Inf
+        producers before it are reported as context.
+        "inf": the first layer that returned NaN/Inf from finite inputs,
+        intentional ±Inf included (ask for it to find where an Inf starts).
         "exception": the innermost layer an exception propagated from.
         "mismatch": compared with a reference pass, the layer's output error
         exceeds `tolerance` while its input error does not.
@@ -295,7 +302,7 @@ def pack_found(
             f"{result.keypath} did not raise when packed; it raised when found "
             f"({result.found_by.get('exception', {}).get('type')})"
         )
-    if result.check == "nonfinite" and not record.misbehaves():
+    if result.check in ("nonfinite", "inf") and not record.misbehaves():
         raise CaptureError(
             f"{result.keypath} returned finite values when packed; it returned NaN/Inf when found "
             f"(packing runs the layer in {mode} mode: try mode='jit' or mode='eager')"

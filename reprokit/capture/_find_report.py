@@ -140,7 +140,8 @@ def _header(
     site = session.sites[culprit.site]
     flax = _flax_path(session, site)
     lines.append(
-        f"culprit: {site.keystr or '(the whole model)'}" + (f" (Flax module {flax})" if flax else "")
+        f"culprit: {site.keystr or '(the whole model)'}"
+        + (f" (Flax module {flax})" if flax else "")
     )
     where = f"call {culprit.call_index + 1} of {found_by['call_count']}"
     if found_by.get("block") is not None:
@@ -156,6 +157,7 @@ def _header(
     elif call is not None:
         lines.append(f"  received: {_status_text(call.received, check)}")
         lines.append(f"  returned: {_status_text(call.returned, check)}")
+        lines.extend(_nan_story(session, culprit))
         if check == "mismatch":
             lines.append(f"  tolerance: {found_by['tolerance']:.1e} (max error / max |reference|)")
     for param in found_by.get("nonfinite_parameters", []):
@@ -172,6 +174,33 @@ def _header(
         lines.append(
             f"  ruled out: {len(also)} enclosing layer(s) that misbehave only because they "
             "contain it (the smallest misbehaving layer is kept)"
+        )
+    return lines
+
+
+def _nan_story(session: _Session, culprit: _Culprit) -> list[str]:
+    """How the NaN came about: the ±Inf producers before the culprit, then the culprit."""
+    if culprit.rule is None:
+        return []
+    lines = []
+    if culprit.rule == "nan":
+        lines.append(
+            "  rule: followed the NaN (NaN is never intentional; ±Inf often is, e.g. a mask's "
+            "-inf); check='inf' blames the first layer returning ±Inf instead"
+        )
+    for call in culprit.inf_producers[:5]:
+        site = session.sites[call.site]
+        lines.append(
+            f"  context: {site.type_name} at {site.keystr or '(the whole model)'} produced "
+            f"{_counts_text(call.returned)} from finite inputs"
+        )
+    if len(culprit.inf_producers) > 5:
+        lines.append(f"  context: {len(culprit.inf_producers) - 5} more ±Inf producer(s)")
+    if culprit.inf_producers and culprit.call is not None and culprit.call.returned:
+        site = session.sites[culprit.site]
+        lines.append(
+            f"  then: {site.type_name} turned them into {culprit.call.returned['nan']} NaN "
+            "<== culprit"
         )
     return lines
 
@@ -211,8 +240,18 @@ def _found_by(session, culprit, check, mode, passes, reference_name, tolerance) 
     if check == "mismatch":
         found_by["reference"] = reference_name
         found_by["tolerance"] = _tolerance(culprit.call, tolerance)
-    if check == "nonfinite":
+    if check in ("nonfinite", "inf"):
         found_by["nonfinite_parameters"] = _nonfinite_parameters(site, block)
+        found_by["rule"] = culprit.rule
+        found_by["inf_producers"] = [
+            {
+                "keypath": session.sites[call.site].keystr or "(the whole model)",
+                "type": session.sites[call.site].layer_type,
+                "posinf": call.returned["posinf"],
+                "neginf": call.returned["neginf"],
+            }
+            for call in culprit.inf_producers
+        ]
     also = []
     call = culprit.call.parent if culprit.call is not None else None
     while call is not None:
@@ -237,7 +276,7 @@ def _not_found_message(session: _Session, error, check: str, tolerance) -> str:
             "to locate it"
         )
     roots = [call for call in session.calls if call.parent is None]
-    if check == "nonfinite":
+    if check in ("nonfinite", "inf"):
         if any(_bad(call.received) for call in roots):
             return (
                 "the model's own inputs (argument, side inputs or state) already hold NaN/Inf; "
