@@ -66,6 +66,8 @@ class PackResult:
     bundled: tuple[str, ...] = ()
     # Arrays stored without payload: all zeros, or one element repeated.
     filled_arrays: int = 0
+    # The reporter's own modules a maintainer must install and allow (not bundled).
+    user_modules: tuple[str, ...] = ()
 
     def summary(self) -> str:
         """A few lines for the terminal: what was packed and how to replay it."""
@@ -78,7 +80,9 @@ class PackResult:
                 f"  recorded issue: {sig}",
                 f"  arrays: {self.array_count} ({_format.human_bytes(self.array_bytes)})"
                 + _fills_text(self.filled_arrays),
-                f"  replay: reprokit run {name}" + (" --trust-code" if self.bundled else ""),
+                f"  replay: reprokit run {name}"
+                + (" --trust-code" if self.bundled else "")
+                + "".join(f" --allow-module {m}" for m in self.user_modules),
                 *(
                     [
                         f"  bundled code: {', '.join(self.bundled)} (read it: reprokit inspect {name})"
@@ -100,8 +104,20 @@ class PackResult:
                 *_contents_lines(self.contents),
                 "  note: attachments on public repositories can be downloaded by anyone.",
                 *([] if self.self_check is None else describe_self_check(self.self_check, self.mode)),
+                *_maintainer_lines(self.user_modules),
             ]
         )
+
+
+def _maintainer_lines(modules: tuple[str, ...]) -> list[str]:
+    if not modules:
+        return []
+    names = ", ".join(f"`{m}`" for m in modules)
+    flags = " ".join(f"--allow-module {m}" for m in modules)
+    return [
+        f"  maintainers: install {names} and pass `{flags}`, or repack with `--bundle-code` "
+        "(bundle_code=True)"
+    ]
 
 
 def _fills_text(count: int) -> str:
@@ -233,9 +249,10 @@ def write_archive(
         deflate = set()
     members = [*(bundle.files if bundle is not None else ()), *extra_members]
     # The self-check replays as a maintainer who allows the reporter's modules
-    # and, for bundled code, trusts it.
+    # (named or found in the record) and, for bundled code, trusts it.
+    reporter = _reporter_modules(tree["record"], allow)
     trust = (
-        TrustPolicy(allow, trust_code=bundle is not None and bool(bundle.files))
+        TrustPolicy(allow + reporter, trust_code=bundle is not None and bool(bundle.files))
         if options.check
         else None
     )
@@ -255,6 +272,11 @@ def write_archive(
         contents=manifest["contents"],
         bundled=tuple(name for name, _ in (bundle.files if bundle is not None else ())),
         filled_arrays=sum("fill" in desc for desc in tree["arrays"]),
+        user_modules=tuple(
+            m
+            for m in manifest["modules"]
+            if not (bundle is not None and bundle.files and m in bundle.modules)
+        ),
     )
     if not issue_snippet:
         return result
@@ -311,11 +333,12 @@ def _encode_record(
         )
         for name, value in parts.items()
     }
-    # Refuse at pack time what the loader would refuse at replay time.
+    # Refuse at pack time what the loader would refuse at replay time, but for
+    # the reporter's own modules: their code on their machine is trusted.
     try:
         _encoding.decode_tree(
             {"$t": "tuple", "v": list(encoded.values())},
-            _allowlist.AllowList(allow),
+            _allowlist.AllowList(allow + _reporter_modules(encoded, allow)),
             lambda i: None,
         )
     except Exception as error:
@@ -331,6 +354,31 @@ def _needed_modules(record: dict) -> set[str]:
         for name in _grammar.named(part)
         if ":" in name and not _allowlist.default_modules(name)
     }
+
+
+def _reporter_modules(record: dict, allow: tuple[str, ...]) -> tuple[str, ...]:
+    """The reporter's own modules the encoded record names that `allow` does not cover.
+
+    Imported in this process and admissible by `--allow-module` (never the
+    standard library, jax, numpy, penzai or flax): the reporter's code on the
+    reporter's machine needs no flag at pack time. Maintainers stay as strict
+    as ever; the manifest's `modules` and the summary tell them what to allow.
+    """
+    import sys
+
+    allowed = _allowlist.AllowList(allow)
+    found = []
+    for module in sorted(_needed_modules(record)):
+        if allowed.allows_module(module) or module not in sys.modules:
+            continue
+        if module.split(".")[0] in ("penzai", "flax") or not _allowlist.is_public_module(module):
+            continue
+        try:
+            _allowlist.AllowList((module,))
+        except Exception:
+            continue
+        found.append(module)
+    return tuple(found)
 
 
 def _record_parts(record: CallRecord) -> dict:
