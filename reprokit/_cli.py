@@ -206,6 +206,15 @@ def main() -> None:
     help="With --find: print the layer tree with each layer's status, culprit marked.",
 )
 @click.option(
+    "--grad",
+    "grad_target",
+    default=None,
+    metavar="SCRIPT:LOSS",
+    help="A gradient issue (finite forward pass, NaN gradient): path/to/script.py:loss, "
+    "loss(output) -> scalar. With --find nonfinite|exception it finds the layer whose "
+    "backward pass goes wrong; the archive records the cotangent at the layer's output.",
+)
+@click.option(
     "-o", "--out", default=None, metavar="FILE", help="Archive to write [default: LAYER.repro.zip]."
 )
 @click.option(
@@ -305,6 +314,7 @@ def pack(
     gather=False,
     shards_dir=None,
     compress=False,
+    grad_target=None,
 ):
     """Run TARGET's model once and pack the selected layer's call into an archive.
 
@@ -339,6 +349,7 @@ def pack(
                     extra = f"  [flax {flax[path]}]" if path in flax else ""
                     click.echo(f"{kind:32} {path or '(root)'}{extra}")
             return
+        loss = load_target(grad_target) if grad_target else None
         if find_check and (gather or shards_dir):
             raise UsageError("--gather and --shards-dir (several processes) go with --select")
         from reprokit.capture._options import PackOptions
@@ -369,6 +380,7 @@ def pack(
                 as_json=as_json,
                 quiet=quiet,
                 options=options,
+                loss=loss,
             )
             return
         if explain:
@@ -383,7 +395,7 @@ def pack(
         selection = select_keypath(model, keypath)
         out = out or f"{type(selection.get()).__name__.lower()}.repro.zip"
         result = pack_selection(
-            selection, argument, side_inputs=side_inputs, out=out, options=options
+            selection, argument, side_inputs=side_inputs, out=out, options=options, grad=loss
         )
         if as_json:
             _echo_measured_json(dataclasses.asdict(result))
@@ -403,6 +415,7 @@ def _find_and_pack(
     as_json,
     quiet,
     options,
+    loss=None,
 ):
     """`pack --find CHECK`: locate the layer (reprokit.search), then pack the call it found.
 
@@ -422,7 +435,12 @@ def _find_and_pack(
         )
     try:
         found = search(
-            model, argument, side_inputs=side_inputs, check=find_check, mode=options.mode
+            model,
+            argument,
+            side_inputs=side_inputs,
+            check=find_check,
+            mode=options.mode,
+            grad=loss,
         )
     except ReprokitError as error:
         if explain and getattr(error, "report", None) and not as_json:

@@ -70,7 +70,7 @@ def check_member_names(names: list[str], array_count: int) -> None:
 
 # The kinds of issue a manifest can record; `portable._verdict` (embedded in
 # replay.py, which cannot import this) keeps an equal copy, and a test checks.
-SIGNATURE_KINDS = ("exception", "nonfinite", "output")
+SIGNATURE_KINDS = ("exception", "nonfinite", "output", "nonfinite_grad")
 
 
 def check_manifest(manifest: Any) -> dict:
@@ -105,7 +105,7 @@ def check_manifest(manifest: Any) -> dict:
     if sig["kind"] == "exception":
         _expect(sig, "type", str)
         _expect(sig, "message", str)
-    if sig["kind"] == "nonfinite":
+    if sig["kind"] in ("nonfinite", "nonfinite_grad"):
         _expect(
             sig,
             "leaves",
@@ -305,7 +305,7 @@ def _check_details(manifest: dict) -> None:
         if key in manifest["call"]:
             _expect(manifest["call"], key, int, lambda v: 0 <= v < 2**31)
     sig = manifest["signature"]
-    if sig["kind"] == "nonfinite":
+    if sig["kind"] in ("nonfinite", "nonfinite_grad"):
         for leaf in sig["leaves"]:
             for key in ("nan", "posinf", "neginf"):
                 if key in leaf:
@@ -359,6 +359,13 @@ def describe_signature(sig: dict) -> str:
                 f"{leaf['path']} ({leaf.get('nan', 0)} NaN, {leaf.get('posinf', 0) + leaf.get('neginf', 0)} Inf)"
             )
         return "non-finite output: " + ", ".join(parts)
+    if sig["kind"] == "nonfinite_grad":
+        parts = [
+            f"{leaf['path']} ({leaf.get('nan', 0)} NaN, "
+            f"{leaf.get('posinf', 0) + leaf.get('neginf', 0)} Inf)"
+            for leaf in sig["leaves"]
+        ]
+        return "gradient issue: finite forward pass, non-finite gradients: " + ", ".join(parts)
     return "output values (the recorded output is the reference)"
 
 

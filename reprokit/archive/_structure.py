@@ -32,11 +32,16 @@ RECORD_PARTS = (
     "initial_var_values",
     "output",
     "final_var_values",
+    "output_cotangent",
+    "gradients",
 )
 # Parts every record has; "output" and "final_var_values" exist exactly when
-# the recorded issue is not an exception.
+# the recorded issue is not an exception, and the backward pass's parts (the
+# cotangent that reached the layer's output, the gradients it produced)
+# exactly when it is a gradient issue.
 _ALWAYS = frozenset(RECORD_PARTS[:4])
-_AFTER_SUCCESS = frozenset(RECORD_PARTS[4:])
+_AFTER_SUCCESS = frozenset(RECORD_PARTS[4:6])
+_BACKWARD = frozenset(RECORD_PARTS[6:])
 
 _BUILTIN_TYPE_NAMES = frozenset({"int", "float", "bool", "str", "complex", "bytes", "NoneType"})
 _MAX_BIG_INT_DIGITS = 4000
@@ -250,6 +255,8 @@ def check_structure(
     expected = set(_ALWAYS)
     if manifest["signature"]["kind"] != "exception":
         expected |= _AFTER_SUCCESS
+    if manifest["signature"]["kind"] == "nonfinite_grad":
+        expected |= _BACKWARD
     if parts != expected:
         if parts & _AFTER_SUCCESS and not expected & _AFTER_SUCCESS:
             raise ArchiveError("the record's output does not match its signature")

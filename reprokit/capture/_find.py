@@ -70,6 +70,8 @@ class FindResult:
     argument: Any = dataclasses.field(repr=False)
     side_inputs: dict = dataclasses.field(repr=False)
     mode: str | None = None
+    # The loss of a gradient search (`grad=`): used in-process to pack, never stored.
+    grad: Any = dataclasses.field(default=None, repr=False)
 
     def pack(self, out: str = "layer.repro.zip", **options: Any):
         """Captures the culprit's call again and packs it; the archive records how it was found.
@@ -104,6 +106,7 @@ def search(
     reference: Any = None,
     tolerance: float | None = None,
     mode: str | None = None,
+    grad: Any = None,
 ) -> FindResult:
     """Runs `model` once with every layer instrumented and returns what misbehaved, with a report.
 
@@ -130,6 +133,12 @@ def search(
             "find runs the model itself: call it outside jax.jit/vmap/grad with concrete arrays "
             "(mode='jit' runs the model under jit)"
         )
+    if grad is not None:
+        if check == "mismatch":
+            raise UsageError("grad= works with check='nonfinite' or check='exception'")
+        from reprokit.capture._backward import search_grad
+
+        return search_grad(model, argument, side_inputs, check, mode, grad)
 
     reference_values, reference_name, reference_sites = None, None, None
     if check == "mismatch":
@@ -204,6 +213,7 @@ def find(
     tolerance: float | None = None,
     mode: str | None = None,
     report: bool = False,
+    grad: Any = None,
 ) -> Any:
     """Finds the layer that misbehaves, calling the model once with every layer instrumented.
 
@@ -238,6 +248,15 @@ def find(
         "eager" removes them; "jit" runs the whole model under jit (as a
         user's `jax.jit` would).
       report: print the layer tree with each layer's status, culprit marked.
+      grad: a loss, `loss(output) -> scalar`, to look for the layer whose
+        *backward* pass goes wrong: `jax.grad` of `loss(model(argument))`
+        with respect to the parameters and the argument's inexact arrays
+        runs with every layer's backward pass instrumented, and the culprit
+        is the innermost layer that received finite inputs and a finite
+        cotangent on its output and produced a non-finite cotangent for its
+        argument or non-finite gradients for its parameters ("nonfinite"),
+        or whose backward pass raised ("exception"). Used in-process only,
+        never stored.
 
     Returns:
       A `pz.Selection` of exactly one layer of `model`: the innermost one that
@@ -259,6 +278,7 @@ def find(
             reference=reference,
             tolerance=tolerance,
             mode=mode,
+            grad=grad,
         )
     except CaptureError as error:
         if report and getattr(error, "report", None):
@@ -288,6 +308,10 @@ def pack_found(
         raise UsageError(
             f"output {out!r} should end in .repro.zip (GitHub accepts .zip attachments)"
         )
+    if result.grad is not None:
+        from reprokit.capture._grad_pack import pack_grad_found
+
+        return pack_grad_found(result, out=out, extra_found_by=extra_found_by, options=options)
     if result.check == "exception" and inside_layer_stack(result.selection):
         raise CaptureError(
             f"{result.keypath} raised while its LayerStack was traced, before any value exists; "

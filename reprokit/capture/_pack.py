@@ -45,6 +45,7 @@ def pack(
     shards_dir: str | os.PathLike | None = None,
     compress: bool = False,
     quiet: bool = False,
+    grad: Any = None,
 ) -> PackResult:
     """Captures the layer picked by `selection` while its model runs on `argument`, and packs it.
 
@@ -86,6 +87,13 @@ def pack(
       quiet: print nothing. Otherwise, in a terminal or a notebook, pack
         prints the same short summary as `reprokit pack` (the result keeps
         it: `result.summary()`).
+      grad: a loss, `loss(output) -> scalar`, for a gradient issue (finite
+        forward pass, NaN gradient): the archive also records the cotangent
+        that reached the layer's output in `jax.grad` of `loss(model(argument))`
+        and the gradients the layer's VJP produces from it (signature
+        `nonfinite_grad`); replay pulls that cotangent back with `jax.vjp`.
+        Used in-process only, never stored. `reprokit.find(..., grad=loss)`
+        finds the layer.
 
     Several jax processes (`jax.process_count() > 1`): call `pack` on every
     process; process 0 writes the archive (see `reprokit.capture._multihost`).
@@ -112,6 +120,7 @@ def pack(
             gather=gather,
             shards_dir=shards_dir,
         ),
+        grad=grad,
     )
     if not quiet:
         tell_user(result.summary())
@@ -147,6 +156,7 @@ def pack_selection(
     side_inputs: dict | None,
     out: str | os.PathLike,
     options: PackOptions,
+    grad: Any = None,
 ) -> PackResult:
     """`pack` with its options already gathered (the CLI builds them once): see `pack`."""
     signature = options.signature
@@ -159,6 +169,22 @@ def pack_selection(
         raise UsageError(
             f"output {out!r} should end in .repro.zip (GitHub accepts .zip attachments)"
         )
+    if grad is not None:
+        # A gradient issue: the call plus its backward pass (reprokit.capture._grad_pack).
+        from reprokit.capture._grad_pack import pack_grad
+
+        return pack_grad(
+            selection,
+            argument,
+            side_inputs=dict(side_inputs or {}),
+            call_index=options.call or 0,
+            mode=options.mode,
+            loss=grad,
+            out=out,
+            options=options,
+        )
+    if signature == "nonfinite_grad":
+        raise UsageError("signature 'nonfinite_grad' needs grad=loss (--grad script.py:loss)")
     import jax
 
     if jax.process_count() > 1:

@@ -391,6 +391,11 @@ def _record_parts(record: CallRecord) -> dict:
     if record.exception is None:
         parts["output"] = record.output
         parts["final_var_values"] = record.final_var_values
+    # A gradient issue (`pack(grad=...)`, reprokit.capture._grad_pack) also
+    # records the backward pass: the cotangent at the output, the gradients.
+    if getattr(record, "gradients", None) is not None:
+        parts["output_cotangent"] = list(record.output_cotangent)
+        parts["gradients"] = dict(record.gradients)
     return parts
 
 

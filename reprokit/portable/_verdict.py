@@ -23,7 +23,7 @@ import numpy as np
 
 # Equal to `reprokit.archive._format.SIGNATURE_KINDS` (the manifest schema); a
 # copy because replay.py embeds this file without reprokit. A test checks.
-SIGNATURE_KINDS = ("exception", "nonfinite", "output")
+SIGNATURE_KINDS = ("exception", "nonfinite", "output", "nonfinite_grad")
 _ADDRESS = re.compile(r"0x[0-9a-fA-F]{6,16}")
 _PATH = re.compile(r"(?:<\w+>|~)?(?:/[^\s'\":,)]+)+")
 _CONTROLS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
@@ -84,6 +84,17 @@ def detect_signature(outcome: dict, kind: str | None = None) -> dict:
         if not nonfinite:
             raise ValueError("signature 'nonfinite' asked for, but every output value is finite")
         return {"kind": "nonfinite", "leaves": nonfinite}
+    if kind == "nonfinite_grad":
+        bad = []
+        for path, array in outcome.get("gradients") or []:
+            counts = nonfinite_counts(array)
+            if any(counts.values()):
+                bad.append({"path": path, **counts})
+        if not bad:
+            raise ValueError(
+                "signature 'nonfinite_grad' asked for, but every gradient of the layer is finite"
+            )
+        return {"kind": "nonfinite_grad", "leaves": bad}
     return {"kind": "output"}
 
 
@@ -180,6 +191,10 @@ def judge(signature: dict, recorded: dict, replayed: dict) -> dict:
     verdict["output"] = compare_leaves(recorded.get("output") or [], replayed.get("output") or [])
     verdict["state"] = compare_leaves(recorded.get("state") or [], replayed.get("state") or [])
     kind = signature["kind"]
+    if kind == "nonfinite_grad":
+        verdict["gradients"] = compare_leaves(
+            recorded.get("gradients") or [], replayed.get("gradients") or []
+        )
     if kind == "exception":
         if exception is None:
             reproduced, reason = False, "the layer returned normally; it raised before"
@@ -206,6 +221,21 @@ def judge(signature: dict, recorded: dict, replayed: dict) -> dict:
             + ", ".join(leaf["path"] or "output" for leaf in signature["leaves"])
             if reproduced
             else "finite where it was non-finite: " + ", ".join(p or "output" for p in missing)
+        )
+    elif kind == "nonfinite_grad":
+        rows = {row["path"]: row for row in verdict["gradients"]}
+        missing = [
+            leaf["path"]
+            for leaf in signature["leaves"]
+            if not any(rows.get(leaf["path"], {}).get("nonfinite_replayed", {}).values())
+        ]
+        reproduced = not missing
+        reason = (
+            "gradient issue: the layer's backward pass turned the recorded (finite) output "
+            "cotangent into non-finite gradients in " + ", ".join(leaf["path"] for leaf in signature["leaves"])
+            if reproduced
+            else "gradient issue not reproduced: finite gradients where they were non-finite: "
+            + ", ".join(missing)
         )
     else:
         off = [row for row in verdict["output"] if not _within_tolerance(row, signature)]
@@ -266,10 +296,17 @@ def format_verdict(verdict: dict) -> str:
             f"{leaf['path'] or 'output'} ({leaf['nan']} NaN, {leaf['posinf'] + leaf['neginf']} Inf)"
             for leaf in signature["leaves"]
         )
+    elif signature["kind"] == "nonfinite_grad":
+        recorded = "non-finite gradients (finite forward pass) in " + ", ".join(
+            f"{leaf['path']} ({leaf['nan']} NaN, {leaf['posinf'] + leaf['neginf']} Inf)"
+            for leaf in signature["leaves"]
+        )
     else:
         recorded = "the recorded output values"
     lines = [f"{head}: {verdict['reason']}", f"  recorded issue: {recorded}"]
     if verdict.get("replayed_exception") is None or signature["kind"] != "exception":
         lines += ["  " + line for line in _describe_rows("output", verdict["output"])]
         lines += ["  " + line for line in _describe_rows("final state", verdict["state"])]
+    if "gradients" in verdict:
+        lines += ["  " + line for line in _describe_rows("gradients", verdict["gradients"])]
     return "\n".join(lines)

@@ -49,6 +49,8 @@ def _flat(record: dict) -> tuple[list, Any, list[tuple[int, Any]]]:
             record["initial_var_values"],
             record["argument"],
             record["side_inputs"],
+            # A gradient issue exports the layer's VJP: the cotangent is an input too.
+            record.get("output_cotangent"),
         )
     )
     slots = []
@@ -77,10 +79,20 @@ def export_layer(record: dict) -> tuple[bytes | None, dict]:
         full = list(leaves)
         for (index, impl), array in zip(slots, arrays, strict=True):
             full[index] = array if impl is None else jax.random.wrap_key_data(array, impl=impl)
-        submodel, var_values, argument, side_inputs = jax.tree_util.tree_unflatten(treedef, full)
-        output, final = submodel.stateless_call(var_values, argument, **side_inputs)
+        submodel, var_values, argument, side_inputs, cotangent = jax.tree_util.tree_unflatten(
+            treedef, full
+        )
+        if cotangent is None:
+            results = submodel.stateless_call(var_values, argument, **side_inputs)
+        else:
+            from reprokit.portable._gradients import _layer_vjp
+
+            output, final, gradients = _layer_vjp(
+                submodel, var_values, argument, side_inputs, list(cotangent)
+            )
+            results = (output, final, list(gradients))
         out = []
-        for leaf in jax.tree_util.tree_leaves((output, final)):
+        for leaf in jax.tree_util.tree_leaves(results):
             is_key = hasattr(leaf, "dtype") and jax.dtypes.issubdtype(
                 leaf.dtype, jax.dtypes.prng_key
             )
@@ -196,11 +208,17 @@ def _aval(spec: list, dtype_from_name):
 
 
 def call_exported(exported, record: dict) -> tuple[Any, Any]:
-    """Runs the StableHLO module on the record's arrays; returns (output, final vars) trees."""
+    """Runs the StableHLO module on the record's arrays; returns (output, final vars) trees.
+
+    For a gradient record (one with `gradients`) the module is the layer's
+    VJP and the result is (output, final vars, gradients as a named dict).
+    """
     import jax
 
     flat = exported.call(*flat_arguments(record))
     template = (record.get("output"), record.get("final_var_values"))
+    if "gradients" in record:
+        template += (list(record["gradients"].values()),)
     if "output" not in record:
         raise ArchiveError(
             "this archive recorded an exception; it has no StableHLO output to compare"
@@ -208,7 +226,11 @@ def call_exported(exported, record: dict) -> tuple[Any, Any]:
     structure = jax.tree_util.tree_structure(template)
     if structure.num_leaves != len(flat):
         raise ArchiveError("the StableHLO module's results do not match the recorded output")
-    return jax.tree_util.tree_unflatten(structure, list(flat))
+    results = jax.tree_util.tree_unflatten(structure, list(flat))
+    if "gradients" in record:
+        output, final, gradients = results
+        return output, final, dict(zip(record["gradients"], gradients, strict=True))
+    return results
 
 
 def _main(argv: list[str]) -> int:

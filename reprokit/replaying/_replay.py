@@ -237,6 +237,23 @@ def _check_record(record: dict) -> None:
         for leaf in leaves
     ):
         raise ArchiveError("the archive's recorded output holds something that is not an array")
+    if "gradients" in record or "output_cotangent" in record:
+        _check_backward_parts(record)
+
+
+def _check_backward_parts(record: dict) -> None:
+    """A gradient record: a list of cotangent arrays and a dict of named gradient arrays."""
+    import jax
+    import numpy as np
+
+    cotangent, gradients = record.get("output_cotangent"), record.get("gradients")
+    arrays = (jax.Array, np.ndarray, np.generic)
+    if not isinstance(cotangent, list | tuple) or not all(isinstance(c, arrays) for c in cotangent):
+        raise ArchiveError("the archive's output cotangent is not a list of arrays")
+    if not isinstance(gradients, dict) or not all(
+        isinstance(k, str) and isinstance(v, arrays) for k, v in gradients.items()
+    ):
+        raise ArchiveError("the archive's recorded gradients are not named arrays")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -323,12 +340,20 @@ def stablehlo_outcome(loaded: LoadedArchive) -> dict:
     if loaded.stablehlo is None:
         raise ReplayError("this archive has no StableHLO artifact")
     exported = _stablehlo.rebuild_exported(loaded.stablehlo, meta)
+    backward = "gradients" in loaded.record
     try:
-        output, final = _stablehlo.call_exported(exported, loaded.record)
+        results = _stablehlo.call_exported(exported, loaded.record)
     except ReplayError:
         raise
     except Exception as error:
-        return outcome_from_call(None, None, exception_info(error))
+        outcome = outcome_from_call(None, None, exception_info(error))
+        return {**outcome, "gradients": []} if backward else outcome
+    if backward:
+        from reprokit.portable._gradients import gradient_outcome
+
+        output, final, gradients = results
+        return gradient_outcome(outcome_from_call(output, final, None), gradients)
+    output, final = results
     return outcome_from_call(output, final, None)
 
 
@@ -354,7 +379,12 @@ def recorded_outcome(loaded: LoadedArchive) -> dict:
     if loaded.manifest["signature"]["kind"] == "exception":
         return {"exception": loaded.manifest["signature"], "output": [], "state": []}
     record = loaded.record
-    return outcome_from_call(record.get("output"), record.get("final_var_values"), None)
+    outcome = outcome_from_call(record.get("output"), record.get("final_var_values"), None)
+    if "gradients" in record:
+        from reprokit.portable._gradients import gradient_outcome
+
+        outcome = gradient_outcome(outcome, record["gradients"])
+    return outcome
 
 
 def replayed_outcome(loaded: LoadedArchive, mode: str | None = None, record: dict | None = None) -> dict:
@@ -362,6 +392,8 @@ def replayed_outcome(loaded: LoadedArchive, mode: str | None = None, record: dic
     from reprokit.portable._calling import call_layer, exception_info, outcome_from_call
 
     record = record or loaded.record
+    if "output_cotangent" in record:
+        return _replayed_backward(record, mode or loaded.manifest["mode"])
     try:
         output, final = call_layer(
             record["submodel"],
@@ -375,6 +407,27 @@ def replayed_outcome(loaded: LoadedArchive, mode: str | None = None, record: dic
     except Exception as error:
         return outcome_from_call(None, None, exception_info(error))
     return outcome_from_call(output, final, None)
+
+
+def _replayed_backward(record: dict, mode: str) -> dict:
+    """A gradient record's outcome: `jax.vjp` of the layer, pulling back the recorded cotangent."""
+    from reprokit.portable._calling import exception_info, outcome_from_call
+    from reprokit.portable._gradients import call_layer_vjp, gradient_outcome
+
+    try:
+        output, final, gradients = call_layer_vjp(
+            record["submodel"],
+            record["initial_var_values"],
+            record["argument"],
+            record["side_inputs"],
+            mode,
+            record["output_cotangent"],
+        )
+    except RecursionError as error:
+        raise ReplayError(f"replay failed: {exception_info(error)['message']}") from None
+    except Exception as error:
+        return gradient_outcome(outcome_from_call(None, None, exception_info(error)), None)
+    return gradient_outcome(outcome_from_call(output, final, None), gradients)
 
 
 def replay_loaded(loaded: LoadedArchive, *, stablehlo: bool = False) -> Verdict:

@@ -30,6 +30,7 @@ EMBEDDED_MODULES = (
     "portable/_arrays.py",
     "portable/_verdict.py",
     "portable/_calling.py",
+    "portable/_gradients.py",
     "portable/_jax_config.py",
 )
 _INDENT = "    "
