@@ -234,6 +234,7 @@ def test_archive_text_stays_in_comments(clip_archive):
     opened.close()
     manifest = dict(opened.manifest)
     manifest["layer"] = {**manifest["layer"], "type": "X\nimport os; os.system('touch pwned')"}
+    manifest["layer"]["flax_path"] = "Dense_0\nprint('pwned')"
     manifest["created"] = "today\nprint('pwned')"
     script = _bisect.render_script(manifest, opened.structure)
     statements = [line for line in script.splitlines() if "pwned" in line]
@@ -264,8 +265,13 @@ def index_available():
 
 @pytest.fixture(scope="module")
 def env_cache(tmp_path_factory):
-    """reprokit's environment cache for this run; uv's own cache (wheels) is the user's, reused."""
-    return tmp_path_factory.mktemp("bisect-envs")
+    """reprokit's environment cache for this run, laid out as under `XDG_CACHE_HOME`.
+
+    uv's own cache (the wheels) is the user's, reused across runs.
+    """
+    cache = tmp_path_factory.mktemp("xdg") / "reprokit" / "bisect"
+    cache.mkdir(parents=True)
+    return cache
 
 
 def _uv_cache_dir() -> str:
@@ -302,7 +308,8 @@ def test_altered_replay_py_never_runs(clip_archive, index_available, env_cache, 
     evil = f"open({str(marker)!r}, 'w').write('ran')\n".encode() + original
     altered = tmp_path / "altered.repro.zip"
     write_members(replace_member(members, "replay.py", evil), altered)
-    env = subprocess_env(XDG_CACHE_HOME=str(env_cache.parent / "xdg"), UV_CACHE_DIR=_uv_cache_dir())
+    # The CLI finds the environments the tests above built through XDG_CACHE_HOME.
+    env = subprocess_env(XDG_CACHE_HOME=str(env_cache.parents[1]), UV_CACHE_DIR=_uv_cache_dir())
     done = run_reprokit(
         "bisect", altered, "--versions", "0.10.0,0.10.2", "--json", env=env, timeout=900
     )
@@ -312,7 +319,7 @@ def test_altered_replay_py_never_runs(clip_archive, index_available, env_cache, 
     assert result["conclusion"].startswith("reproduces on every jax release tried (0.10.0–0.10.2)")
     assert not marker.exists()
     # The environments went to the cache named by XDG_CACHE_HOME, keyed by their resolved set.
-    built = os.listdir(env_cache.parent / "xdg" / "reprokit" / "bisect")
+    built = os.listdir(env_cache)
     assert any(name.startswith("jax-0.10.0-py") for name in built)
     assert not any(name.startswith(".building-") for name in built)
 

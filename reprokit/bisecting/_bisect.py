@@ -395,10 +395,10 @@ def conclude(
 def _sanitized_manifest(manifest: dict) -> dict:
     """A copy whose header fields cannot leave the rendered script's comment lines."""
     clean = dict(manifest)
+    # Every text about the layer (type, keypath, Flax path, ...) is printed in the header.
     clean["layer"] = {
-        **manifest["layer"],
-        "type": one_line(manifest["layer"]["type"], 200),
-        "keypath": one_line(manifest["layer"]["keypath"], 200),
+        key: one_line(value, 200) if isinstance(value, str) else value
+        for key, value in manifest["layer"].items()
     }
     call = manifest.get("call", {})
     clean["call"] = {
