@@ -35,6 +35,15 @@ class WorkerFailed(Exception):
 # which runs on the reporter's side with the reporter's own classes).
 _BOOT = (
     "import json, os, runpy, site, sys\n"
+    # Dies with its parent (SECURITY.md, class 8): Linux's parent-death signal,
+    # then a check that the parent did not die before it was set.
+    "try:\n"
+    "    import ctypes\n"
+    "    ctypes.CDLL(None, use_errno=True).prctl(1, 9, 0, 0, 0)\n"
+    "except Exception:\n"
+    "    pass\n"
+    "if os.getppid() != int(os.environ.pop('REPROKIT_PARENT_PID', os.getppid())):\n"
+    "    os._exit(1)\n"
     "for p in json.loads(os.environ.pop('REPROKIT_WORKER_PATH', '[]')):\n"
     "    if p not in sys.path:\n"
     "        (site.addsitedir if os.path.basename(p) in ('site-packages', 'dist-packages') "
@@ -76,6 +85,7 @@ def worker_env(env: dict | None = None, *, keep_cwd: bool = False) -> dict:
         if absolute not in paths:
             paths.append(absolute)
     env[_PATH_VARIABLE] = json.dumps(paths)
+    env["REPROKIT_PARENT_PID"] = str(os.getpid())
     return env
 
 
@@ -126,5 +136,6 @@ def limits_from_argv(args: Sequence[str]) -> Limits:
     for flag, value in zip(args, args[1:], strict=False):
         if flag == _LIMIT_FLAG:
             name, _, text = value.partition("=")
-            values[name] = type(getattr(default, name))(text)
+            kind = type(getattr(default, name))
+            values[name] = text == "True" if kind is bool else kind(text)
     return Limits(**values)

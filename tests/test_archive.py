@@ -663,7 +663,10 @@ def test_snapshot_is_a_complete_archive_and_later_members_replace_its_directory(
         writer.add_bytes("a.txt", b"first")
         writer.add_buffer("b.bin", np.arange(100, dtype=np.float32))
         snapshot = writer.snapshot()
-        with ArchiveReader(snapshot) as reader:
+        # Says it is unfinished: only the self-check's reader accepts it.
+        with pytest.raises(ArchiveError, match="unfinished"):
+            ArchiveReader(snapshot)
+        with ArchiveReader(snapshot, Limits(accept_unfinished=True)) as reader:
             assert reader.names == ["a.txt", "b.bin"]
             assert reader.read_bytes("a.txt") == b"first"
         writer.add_bytes("c.json", b"{}", compress=True)

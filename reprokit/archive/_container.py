@@ -81,6 +81,9 @@ _FLAG_UTF8 = 0x0800
 _FLAG_MASKED_HEADERS = 0x2000
 _ANY_ENCRYPTION = _FLAG_ENCRYPTED | _FLAG_STRONG_ENCRYPTION | _FLAG_MASKED_HEADERS
 
+# The archive comment of a snapshot (see Limits.accept_unfinished).
+UNFINISHED_COMMENT = b"reprokit: unfinished archive (a snapshot for the self-check)"
+
 _EXTRA_ZIP64 = 0x0001
 # Android's alignment record (2-byte alignment, then zero padding): an id that
 # existing tools already know to skip, rather than one made up here.
@@ -151,6 +154,10 @@ class Limits:
     max_compression_ratio: float = 200.0
     # In UTF-8 bytes.
     max_name_length: int = _DEFAULT_MAX_NAME_LENGTH
+    # Only pack's self-check sets this: it replays `ArchiveWriter.snapshot()`,
+    # whose end record carries `UNFINISHED_COMMENT` so that nothing else ever
+    # accepts an unfinished archive left by a killed pack (no CLI flag sets it).
+    accept_unfinished: bool = False
 
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):
@@ -288,7 +295,7 @@ class _WrittenEntry:
     header_offset: int
 
 
-def _discard_temp(file: Any, temp_path: str, pool_box: list[Any]) -> None:
+def _discard_temp(file: Any, temp_path: str | None, pool_box: list[Any]) -> None:
     """Close and delete an unfinished archive; runs at most once per writer."""
     for pool in pool_box:
         pool.shutdown(wait=True)
@@ -296,10 +303,36 @@ def _discard_temp(file: Any, temp_path: str, pool_box: list[Any]) -> None:
         file.close()
     except OSError:
         pass
+    if temp_path is None:
+        return  # unnamed (O_TMPFILE): closing it freed it
     try:
         os.unlink(temp_path)
     except FileNotFoundError:
         pass
+
+
+_LINKABLE: dict[int, bool] = {}  # st_dev -> whether an O_TMPFILE file there can be linked
+
+
+def _can_link_anonymous(folder: str, tmpfile: int) -> bool:
+    """Whether an unnamed file in `folder` can later be given a name (tried once per device).
+
+    Some file systems (overlayfs, in containers) create O_TMPFILE files but
+    refuse to link them through /proc; a writer there falls back to a name.
+    """
+    device = os.stat(folder).st_dev
+    if device not in _LINKABLE:
+        fd = os.open(folder, tmpfile | os.O_RDWR, 0o600)
+        probe = os.path.join(folder, f".reprokit-link-probe-{secrets.token_hex(6)}")
+        try:
+            os.link(f"/proc/{os.getpid()}/fd/{fd}", probe, follow_symlinks=True)
+            os.unlink(probe)
+            _LINKABLE[device] = True
+        except OSError:
+            _LINKABLE[device] = False
+        finally:
+            os.close(fd)
+    return _LINKABLE[device]
 
 
 _sync_file_range: Any = None  # looked up on first use; False where missing
@@ -357,9 +390,26 @@ class ArchiveWriter:
         self._folder, base = os.path.split(os.path.abspath(self._path))
         self._zip64_threshold = min(zip64_threshold, _MAX32)
         self._zip64_count_threshold = min(zip64_threshold, _MAX16)
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+        flags = (
+            os.O_WRONLY
+            | os.O_CREAT
+            | os.O_EXCL
+            | getattr(os, "O_NOFOLLOW", 0)
+            | getattr(os, "O_BINARY", 0)
+        )
+        # SECURITY.md, class 8: where the system allows, the unfinished archive
+        # has no name at all (O_TMPFILE) until commit links it in, so a pack
+        # killed at any moment (SIGKILL included, even while the self-check
+        # replays the snapshot) leaves nothing behind that verify could accept.
+        # Elsewhere it is a temp file with an unguessable name, created with
+        # O_EXCL|O_NOFOLLOW so that a planted symlink is never followed.
+        self._anonymous = False
+        fd = self._open_anonymous()
+        base_name = f".{base}.tmp-"
         for _ in range(100):
-            temp_path = os.path.join(self._folder, f".{base}.tmp-{secrets.token_hex(6)}")
+            temp_path = os.path.join(self._folder, base_name + secrets.token_hex(6))
+            if fd is not None:
+                break  # a name for the link at commit; nothing is created yet
             try:
                 # 0o666 (less the umask) gives the archive the permissions any
                 # other new file would get; mkstemp would force 0o600.
@@ -375,7 +425,7 @@ class ArchiveWriter:
         # Deletes the temp file even if the writer is dropped without
         # commit() or abort(), so no stray ".NAME.tmp-*" files pile up.
         self._finalizer = weakref.finalize(
-            self, _discard_temp, self._file, temp_path, self._pool_box
+            self, _discard_temp, self._file, None if self._anonymous else temp_path, self._pool_box
         )
         self._offset = 0
         self._written_back = 0
@@ -384,6 +434,26 @@ class ArchiveWriter:
         self._closed = False
         self._failed = False
         self._snapshot_offset: int | None = None
+
+    def _open_anonymous(self) -> int | None:
+        """An unnamed file in the target's folder (Linux O_TMPFILE), or None where unsupported."""
+        tmpfile = getattr(os, "O_TMPFILE", None)
+        if tmpfile is None or not os.path.isdir(f"/proc/{os.getpid()}/fd"):
+            return None
+        try:
+            if not _can_link_anonymous(self._folder, tmpfile):
+                return None
+            fd = os.open(self._folder, tmpfile | os.O_RDWR, 0o666)
+        except OSError:
+            return None  # a file system without O_TMPFILE: a named temp file instead
+        self._anonymous = True
+        return fd
+
+    def _readable_path(self) -> str:
+        """A path any process of this user can open to read the unfinished file."""
+        if self._anonymous:
+            return f"/proc/{os.getpid()}/fd/{self._file.fileno()}"
+        return self._temp_path
 
     def __enter__(self) -> ArchiveWriter:
         return self
@@ -439,8 +509,8 @@ class ArchiveWriter:
         self._check_open()
         self._rewind_snapshot()
         self._snapshot_offset = self._offset
-        self._guarded(self._write_central_directory)
-        return self._temp_path
+        self._guarded(self._write_central_directory, UNFINISHED_COMMENT)
+        return self._readable_path()
 
     def _rewind_snapshot(self) -> None:
         if self._snapshot_offset is not None:
@@ -458,6 +528,9 @@ class ArchiveWriter:
         try:
             self._write_central_directory()
             os.fsync(self._file.fileno())
+            if self._anonymous:
+                # Only now does the archive get a name: complete, and synced.
+                os.link(self._readable_path(), self._temp_path, follow_symlinks=True)
             self._file.close()
             os.replace(self._temp_path, self._path)
             self._finalizer.detach()
@@ -467,6 +540,11 @@ class ArchiveWriter:
             _fsync_folder(self._folder)
         except BaseException:
             self.abort()
+            if self._anonymous:
+                try:
+                    os.unlink(self._temp_path)  # linked, but not moved into place
+                except OSError:
+                    pass
             raise
 
     def abort(self) -> None:
@@ -621,7 +699,7 @@ class ArchiveWriter:
             + extra
         )
 
-    def _write_central_directory(self) -> None:
+    def _write_central_directory(self, comment: bytes = b"") -> None:
         cd_offset = self._offset
         self._write_all(b"".join(self._central_record(entry) for entry in self._entries))
         cd_size = self._offset - cd_offset
@@ -656,8 +734,9 @@ class ArchiveWriter:
                 short_count,
                 _MAX32 if size_overflows else cd_size,
                 _MAX32 if offset_overflows else cd_offset,
-                0,
+                len(comment),
             )
+            + comment
         )
 
 
@@ -788,7 +867,17 @@ class ArchiveReader:
         through one chunk-sized buffer, so verifying a huge array costs no memory."""
         member = self._member(name)
         if member.method != _STORED:
-            self.read_bytes(name)  # bounded by max_small_member_bytes
+            # Inflated chunk by chunk and dropped: `verify` accepts every deflated
+            # array `run` can read, however large (SECURITY.md, class 10).
+            crc = 0
+
+            def check(chunk: bytes) -> None:
+                nonlocal crc
+                crc = zlib.crc32(chunk, crc)
+
+            self._inflate_into(member, check)
+            if crc != member.crc:
+                raise ArchiveError(f"member {_show(name)} is corrupted (CRC mismatch)")
             return
         buffer = memoryview(bytearray(min(_CHUNK, member.size)))
         crc = 0
@@ -901,36 +990,49 @@ class ArchiveReader:
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
     def _inflate(self, member: _Member) -> bytes:
+        output = bytearray()
+        self._inflate_into(member, output.extend)
+        return bytes(output)
+
+    def _inflate_into(self, member: _Member, sink: Callable[[bytes], None]) -> None:
+        """Inflate a member, handing its output to `sink` in pieces of at most `_CHUNK` bytes.
+
+        Never produces more than the declared size (plus one byte to notice
+        a lie), so a bomb is stopped however it is consumed.
+        """
         shown = _show(member.name)
         inflater = zlib.decompressobj(-15)
-        output = bytearray()
+        produced = 0
         consumed = 0
         try:
             while consumed < member.compressed_size and not inflater.eof:
                 length = min(_CHUNK, member.compressed_size - consumed)
                 pending = self._read_range(member, member.data_offset + consumed, length)
                 consumed += length
-                while pending and not inflater.eof:
+                while not inflater.eof:
                     # Ask for one byte more than declared, to notice a lie
                     # without ever holding more than that.
-                    output += inflater.decompress(pending, member.size - len(output) + 1)
-                    if len(output) > member.size:
+                    piece = inflater.decompress(pending, min(_CHUNK, member.size - produced + 1))
+                    pending = inflater.unconsumed_tail
+                    if not piece and not pending:
+                        break  # needs the next compressed chunk
+                    produced += len(piece)
+                    if produced > member.size:
                         raise ArchiveError(
                             f"member {shown} is corrupted (it inflates beyond its declared size)"
                         )
-                    pending = inflater.unconsumed_tail
+                    sink(piece)
         except zlib.error as exc:
             raise ArchiveError(f"member {shown} is corrupted (invalid deflate data)") from exc
         if not inflater.eof:
             raise ArchiveError(f"member {shown} is corrupted (its deflate data is cut short)")
         if consumed < member.compressed_size or inflater.unused_data:
             raise ArchiveError(f"member {shown} is corrupted (data after its deflate stream)")
-        if len(output) != member.size:
+        if produced != member.size:
             raise ArchiveError(
-                f"member {shown} is corrupted (size mismatch: {len(output)} bytes, "
+                f"member {shown} is corrupted (size mismatch: {produced} bytes, "
                 f"{member.size} declared)"
             )
-        return bytes(output)
 
     # -- validation at open ------------------------------------------------
 
@@ -1007,6 +1109,14 @@ class ArchiveReader:
                 if earlier + _EOCD.size + _U16.unpack_from(tail, earlier + 20)[0] == len(tail):
                     comment_length = len(tail) - earlier - _EOCD.size
             earlier = tail.rfind(signature, 0, earlier)
+        comment = tail[position + _EOCD.size :]
+        if comment == UNFINISHED_COMMENT and self._limits.accept_unfinished:
+            comment_length = 0  # pack's self-check, replaying its own snapshot
+        elif comment == UNFINISHED_COMMENT:
+            raise ArchiveError(
+                "archive is unfinished: a snapshot that a pack left behind when it was "
+                "stopped; pack again"
+            )
         if comment_length:
             raise ArchiveError(
                 "archive has a comment after its end record, which reprokit never writes "

@@ -172,20 +172,70 @@ def pack_bytes(node: Any) -> bytes:
     return msgpack.packb(node, use_bin_type=True, strict_types=False)
 
 
-def unpack_bytes(data: bytes) -> Any:
-    """Parses msgpack with every size bounded; refuses extension types and non-string map keys."""
+# Memory before parsing (SECURITY.md, class 6). One byte of msgpack can be
+# an empty list or map, which costs Python about 72 bytes: 60 MB of them once
+# took 4.5 GiB. So the structure member is capped (a record's structure is
+# KiBs to a few hundred KiB: arrays live in their own members), and the
+# containers built while parsing are counted and capped (one per 8 bytes of
+# the cap), which together bound the parse to tens of bytes per input byte.
+MAX_STRUCTURE_BYTES = 8 * 2**20
+_BYTES_PER_CONTAINER = 8
+
+
+def max_containers(max_bytes: int) -> int:
+    """How many lists and maps a structure of at most `max_bytes` may build."""
+    return max(1024, max_bytes // _BYTES_PER_CONTAINER)
+
+
+class _TooManyContainers(Exception):
+    pass
+
+
+def unpack_bytes(data: bytes, *, containers: int | None = None) -> Any:
+    """Parses msgpack with every size bounded; refuses extension types and non-string map keys.
+
+    At most `containers` lists and maps are built (default: what a structure
+    at `MAX_STRUCTURE_BYTES` may build).
+    """
+    limit = containers if containers is not None else max_containers(MAX_STRUCTURE_BYTES)
+    budget = [limit]
+
+    def spend() -> None:
+        budget[0] -= 1
+        if budget[0] < 0:
+            raise _TooManyContainers
+
+    def on_list(items: list) -> list:
+        spend()
+        return items
+
+    def on_map(pairs: list) -> dict:
+        spend()
+        result = {}
+        for key, value in pairs:
+            if not isinstance(key, str) or key in result:
+                raise ValueError("a map key is not a string, or repeats")
+            result[key] = value
+        return result
+
     try:
         return msgpack.unpackb(
             data,
             raw=False,
             strict_map_key=True,
             use_list=True,
+            list_hook=on_list,
+            object_pairs_hook=on_map,
             max_str_len=MAX_STRING,
             max_bin_len=MAX_STRING,
             max_array_len=MAX_NODES,
             max_map_len=MAX_NODES,
             max_ext_len=0,
         )
+    except _TooManyContainers:
+        raise ArchiveError(
+            f"structure holds more than {limit} lists and maps; refused while parsing"
+        ) from None
     except RecursionError:
         raise ArchiveError("structure is nested too deeply") from None
     except Exception as error:  # msgpack raises many types for bad input

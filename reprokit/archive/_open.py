@@ -14,12 +14,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from typing import Any
 
 from reprokit._errors import ArchiveError
 from reprokit.archive import _checkpoint, _code, _format
 from reprokit.archive._allowlist import AllowList
 from reprokit.archive._container import ArchiveReader, Limits
-from reprokit.archive._grammar import unpack_bytes
+from reprokit.archive._grammar import MAX_STRUCTURE_BYTES, max_containers, unpack_bytes
 from reprokit.archive._structure import check_structure
 
 
@@ -65,7 +66,7 @@ def open_archive(
         _format.check_member_names(
             [name for name in reader.names if name not in own], manifest["arrays"]["count"]
         )
-        structure = unpack_bytes(reader.read_bytes(_format.STRUCTURE))
+        structure = _read_structure(reader, limits, manifest)
         # Names from bundled modules pass this static check (it imports nothing);
         # `load` refuses to import them without --trust-code.
         bundled = _code.bundled_modules(manifest)
@@ -100,6 +101,31 @@ def open_archive(
     return OpenedArchive(
         path=path, manifest=manifest, structure=structure, reader=reader, self_check=self_check
     )
+
+
+def _read_structure(reader: ArchiveReader, limits: Limits, manifest: dict) -> Any:
+    """The structure, parsed with its memory bounded before and while parsing (class 6).
+
+    The member is capped at `MAX_STRUCTURE_BYTES` (or at `--max-member-size`
+    when that is raised above its default, for an archive you trust), the
+    lists and maps parsing may build in proportion, and the array table at
+    `--max-members` entries: a fill has no member, but costs memory to list.
+    """
+    count = manifest["arrays"]["count"]
+    if count > limits.max_members:
+        raise ArchiveError(
+            f"archive declares {count} arrays; the limit is {limits.max_members} "
+            f"(--max-members; raise it only for an archive you trust)"
+        )
+    raised = limits.max_small_member_bytes > Limits().max_small_member_bytes
+    cap = limits.max_small_member_bytes if raised else MAX_STRUCTURE_BYTES
+    size = reader.size(_format.STRUCTURE)
+    if size > cap:
+        raise ArchiveError(
+            f"{_format.STRUCTURE} is {size} bytes; the limit is {cap} "
+            f"(--max-member-size; raise it only for an archive you trust)"
+        )
+    return unpack_bytes(reader.read_bytes(_format.STRUCTURE), containers=max_containers(cap))
 
 
 def _read_self_check(reader: ArchiveReader) -> dict | None:

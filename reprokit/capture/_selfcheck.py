@@ -17,6 +17,7 @@ import sys
 import time
 
 from reprokit._workers import WorkerFailed, run_worker
+from reprokit.archive._container import Limits
 from reprokit.archive._trust import TrustPolicy
 
 _TIMEOUT_S = 900
@@ -92,7 +93,10 @@ def _main(argv: list[str]) -> int:
     )
 
     try:
-        loaded = load_archive(path, TrustPolicy.from_argv(rest))
+        # The writer's snapshot: the one archive that says it is unfinished.
+        loaded = load_archive(
+            path, TrustPolicy.from_argv(rest), limits=Limits(accept_unfinished=True)
+        )
         verdict = replay_loaded(loaded)
         recorded_mode = loaded.manifest["mode"]
         other_mode = "eager" if recorded_mode == "jit" else "jit"

@@ -13,7 +13,6 @@ allow-listed loader as `reprokit run` (still never calling the layer).
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 from collections.abc import Iterator
@@ -513,15 +512,12 @@ def write_html(
         for block in iter(lambda: file.read(1 << 20), b""):
             digest.update(block)
     page = render_html(loaded, digest.hexdigest()).encode("utf-8")
+    from reprokit.views._issue import write_atomically
+
     out = os.fspath(out)
-    temp = f"{out}.{os.getpid()}.tmp"
     try:
-        with open(temp, "wb") as file:
-            file.write(page)
-        os.replace(temp, out)
+        write_atomically(out, page)  # never through a planted symlink
     except OSError as error:
-        with contextlib.suppress(OSError):
-            os.unlink(temp)
         raise UsageError(f"cannot write {out!r}: {error.strerror or error}") from None
     return len(page)
 

@@ -10,7 +10,6 @@ where an output goes, a pack killed halfway.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -116,3 +115,210 @@ def test_every_child_interpreter_is_started_isolated():
         if "sys.executable" in text and "python_command" not in text:
             offenders.append(str(path))
     assert offenders == [] or all("bisecting" in o for o in offenders), offenders
+
+
+# ------------------------------------------------------------------ class 6
+
+# Peak memory a `verify` of a hostile structure may add to a plain verify's.
+_PARSE_BOUND_MIB = 400
+
+
+def _msgpack_flood(item: bytes, total: int) -> bytes:
+    """A structure whose argument holds `total` bytes of `item` repeated (arrays of <= 4M items)."""
+    chunks, count = [], total // len(item)
+    while count > 0:
+        size = min(4_000_000, count)
+        chunks.append(b"\xdd" + size.to_bytes(4, "big") + item * size)
+        count -= size
+    head = b"\x82\xa6record\x81\xa8argument\xdd" + len(chunks).to_bytes(4, "big")
+    return head + b"".join(chunks) + b"\xa6arrays\x90"
+
+
+def _peak_rss_mib(args: list[str]) -> tuple[int, str, int]:
+    """(exit code, stderr, peak RSS in MiB) of `python -m reprokit ARGS` in a fresh process."""
+    code = (
+        "import resource, subprocess, sys\n"
+        "done = subprocess.run([sys.executable, '-m', 'reprokit', *sys.argv[1:]],"
+        " capture_output=True, text=True)\n"
+        "peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss // 1024\n"
+        "print(done.returncode, peak)\n"
+        "sys.stderr.write(done.stderr)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, *args],
+        capture_output=True,
+        text=True,
+        env=subprocess_env(),
+        timeout=300,
+        stdin=subprocess.DEVNULL,
+    )
+    exit_code, peak = map(int, done.stdout.split())
+    return exit_code, done.stderr, peak
+
+
+@pytest.mark.parametrize(
+    "label, item, total",
+    [
+        # 60 MB of empty lists once needed 4.5 GiB; now the member is too big.
+        ("empty-lists-60MB", b"\x90", 60 * 2**20),
+        # Just under the structure cap: the container count stops the parse.
+        ("empty-lists-7MB", b"\x90", 7 * 2**20),
+        ("empty-maps-7MB", b"\x80", 7 * 2**20),
+        # Strings are not containers: bounded by the cap alone (~25 bytes each per byte).
+        ("short-strings-7MB", b"\xa2ab", 7 * 2**20),
+    ],
+)
+def test_a_structure_flood_is_refused_in_bounded_memory(base, tmp_path, label, item, total):
+    members = read_members(base)
+    hostile = tmp_path / f"{label}.repro.zip"
+    write_members(
+        replace_member(members, "structure.msgpack", _msgpack_flood(item, total)), hostile
+    )
+    _, _, baseline = _peak_rss_mib(["verify", str(base)])
+    code, stderr, peak = _peak_rss_mib(["verify", str(hostile)])
+    assert code == 3, stderr
+    assert len(stderr.splitlines()) == 1, stderr
+    assert peak - baseline < _PARSE_BOUND_MIB, (label, peak, baseline, stderr)
+
+
+# ------------------------------------------------------------------ class 10
+
+
+def test_verify_and_inspect_stream_a_large_deflated_array_that_run_accepts(tmp_path):
+    """An 80 MB compressible array packed with compress=True: verify, inspect and run all accept it."""
+    import jax.numpy as jnp
+    from penzai import pz
+
+    import reprokit
+
+    layer = pz.nn.Linear.from_config(
+        name="big",
+        init_base_rng=__import__("jax").random.key(0),
+        input_axes={"f": 4},
+        output_axes={"o": 2},
+    )
+    rows = 5 * 2**20  # x 4 float32 = 80 MiB, deflates ~3x: stored deflated, above 64 MiB
+    argument = pz.nx.wrap(jnp.arange(rows * 4, dtype=jnp.float32).reshape(rows, 4) % 977, "b", "f")
+    path = tmp_path / "big.repro.zip"
+    reprokit.pack(
+        pz.select(layer).at_keypaths([()]), argument, out=path, compress=True, check=False
+    )
+    from reprokit.archive._container import ArchiveReader
+
+    with ArchiveReader(path) as reader:
+        deflated = [
+            name
+            for name in reader.names
+            if name.startswith("arrays/")
+            and reader.size(name) > 64 * 2**20
+            and reader._member(name).method == 8
+        ]
+    assert deflated, "the test needs a deflated array over the in-memory limit"
+    for command in ("verify", "inspect"):
+        done = run_reprokit(command, path)
+        assert done.returncode == 0, (command, done.stderr)
+    ran = run_reprokit("run", path)
+    assert ran.returncode == 0, ran.stderr
+
+
+# ------------------------------------------------------------------ class 8
+
+
+def test_html_view_and_issue_snippet_never_follow_a_planted_symlink(base, tmp_path):
+    """Symlinks planted where the outputs' temp files used to go (name.PID.tmp) stay untouched."""
+    import os
+
+    from reprokit.archive._open import open_archive
+    from reprokit.views._inspect import write_html
+    from reprokit.views._issue import issue_path_for, write_issue_snippet
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    out = tmp_path / "view.html"
+    (tmp_path / f"view.html.{os.getpid()}.tmp").symlink_to(victim)
+    archive = tmp_path / "copy.repro.zip"
+    archive.write_bytes(base.read_bytes())
+    snippet = Path(issue_path_for(archive))
+    Path(f"{snippet}.{os.getpid()}.tmp").symlink_to(victim)
+    write_html(archive, out)
+    opened = open_archive(archive)
+    try:
+        write_issue_snippet(archive, manifest=opened.manifest, structure=opened.structure)
+    finally:
+        opened.close()
+    assert victim.read_text() == "precious\n"
+    assert out.is_file() and not out.is_symlink() and "<html" in out.read_text().lower()
+    assert snippet.is_file() and not snippet.is_symlink()
+    # A link planted at the output itself is replaced, never written through.
+    out.unlink()
+    out.symlink_to(victim)
+    write_html(archive, out)
+    assert victim.read_text() == "precious\n" and not out.is_symlink()
+
+
+def _children(pid: int) -> list[tuple[int, str]]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+            found.append((int(entry.name), cmdline))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    return "\nState:\tZ" not in status  # a zombie has exited
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc")
+def test_a_pack_killed_during_the_self_check_leaves_no_accepted_file_and_no_orphan(tmp_path):
+    import signal
+    import time
+
+    from reprokit._errors import ReprokitError
+    from reprokit.archive._verify import verify_archive
+
+    script = (
+        "import sys\n"
+        f"sys.path.insert(0, {str(HERE)!r})\n"
+        "from pathlib import Path\n"
+        "from test_trust import _pack\n"
+        "_pack(Path(sys.argv[1]), check=True)\n"
+    )
+    folder = tmp_path / "out"
+    folder.mkdir()
+    packer = subprocess.Popen(
+        [sys.executable, "-c", script, str(folder)],
+        env=subprocess_env(),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    worker = None
+    deadline = time.monotonic() + 240
+    while worker is None and time.monotonic() < deadline and packer.poll() is None:
+        worker = next(
+            (pid for pid, cmd in _children(packer.pid) if "reprokit.capture._selfcheck" in cmd),
+            None,
+        )
+        time.sleep(0.05)
+    assert worker is not None, "the self-check never started: " + packer.stderr.read().decode()
+    time.sleep(1.0)  # well inside the self-check's replay
+    packer.send_signal(signal.SIGKILL)
+    packer.wait(timeout=30)
+    deadline = time.monotonic() + 20
+    while _alive(worker) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _alive(worker), "the self-check worker outlived the killed pack"
+    for leftover in folder.iterdir():
+        with pytest.raises(ReprokitError):
+            verify_archive(leftover)
