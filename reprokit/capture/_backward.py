@@ -530,9 +530,12 @@ def grad_not_found_message(session, backward, error, totals) -> str:
 
 
 def search_grad(model, argument, side_inputs: dict, check: str, mode: str | None, loss):
-    """`search` with `grad=loss`: the layer whose backward pass makes the first NaN (or raises)."""
+    """`search` with `grad=loss`: the layer whose backward pass makes the first NaN (or raises).
+
+    Returns the fields of `reprokit.capture._find.FindResult` as a dict (that
+    module builds it: this one stays below it in the import graph).
+    """
     from reprokit.capture._culprit import _find_culprit
-    from reprokit.capture._find import FindResult
 
     if not callable(loss):
         raise UsageError(f"grad= takes the loss, a callable output -> scalar, not {loss!r}")
@@ -558,7 +561,7 @@ def search_grad(model, argument, side_inputs: dict, check: str, mode: str | None
         report = render_grad_report(
             session, backward, culprit, grad_header(session, culprit, found_by)
         )
-        return FindResult(
+        return dict(
             selection=pz.select(model).at_keypaths([site.keypath]),
             keypath=site.keystr or "(the whole model)",
             layer_type=site.layer_type,
@@ -578,7 +581,6 @@ def search_grad(model, argument, side_inputs: dict, check: str, mode: str | None
 
 def _exception_result(model, argument, side_inputs, session, error, mode, loss, forward_rule):
     """check='exception' with grad=: the forward rule first, else the layer whose backward raised."""
-    from reprokit.capture._find import FindResult
     from reprokit.portable._calling import exception_info
 
     if error is None:
@@ -621,7 +623,7 @@ def _exception_result(model, argument, side_inputs, session, error, mode, loss, 
         f"  type: {site.layer_type} (call {call_index + 1} of {found_by['call_count']})",
         f"  raised: {info['type']}: {found_by['exception']['message']}",
     ]
-    return FindResult(
+    return dict(
         selection=pz.select(model).at_keypaths([site.keypath]),
         keypath=site.keystr or "(the whole model)",
         layer_type=site.layer_type,

@@ -138,7 +138,7 @@ def search(
             raise UsageError("grad= works with check='nonfinite' or check='exception'")
         from reprokit.capture._backward import search_grad
 
-        return search_grad(model, argument, side_inputs, check, mode, grad)
+        return FindResult(**search_grad(model, argument, side_inputs, check, mode, grad))
 
     reference_values, reference_name, reference_sites = None, None, None
     if check == "mismatch":
