@@ -133,6 +133,9 @@ def test_sqrt_archive_replays_with_run_and_standalone_replay_py(tmp_path):
     text = run_reprokit("run", out, "--stablehlo")
     assert text.returncode == 0, text.stdout + text.stderr
     assert "REPRODUCED" in text.stdout and "gradient issue" in text.stdout
+    reference = run_reprokit("run", out, "--reference", "float64")
+    assert reference.returncode == 0, reference.stdout + reference.stderr
+    assert "gradients['argument.data_array']" in reference.stdout
     shown = run_reprokit("inspect", out)
     assert shown.returncode == 0, shown.stderr
     assert "cotangent" in shown.stdout and "gradient" in shown.stdout

@@ -80,15 +80,23 @@ def _judge_row(
 
 
 def _cast_like(recorded: dict, replayed: dict) -> dict:
-    """Casts replayed leaves to the recorded dtypes (float64 variants are compared that way)."""
-    want = {path: leaf.dtype for path, leaf in recorded.get("output") or []}
-    output = []
-    for path, leaf in replayed.get("output") or []:
-        dtype = want.get(path)
-        output.append(
-            (path, leaf.astype(dtype) if dtype is not None and leaf.dtype != dtype else leaf)
-        )
-    return {**replayed, "output": output}
+    """Casts replayed leaves to the recorded dtypes (float64 variants are compared that way).
+
+    Outputs, and the gradients of a gradient issue (`nonfinite_grad`).
+    """
+    cast = dict(replayed)
+    for part in ("output", "gradients"):
+        if part not in replayed:
+            continue
+        want = {path: leaf.dtype for path, leaf in recorded.get(part) or []}
+        leaves = []
+        for path, leaf in replayed.get(part) or []:
+            dtype = want.get(path)
+            leaves.append(
+                (path, leaf.astype(dtype) if dtype is not None and leaf.dtype != dtype else leaf)
+            )
+        cast[part] = leaves
+    return cast
 
 
 # ------------------------------------------------------------------ in-process conditions
@@ -419,10 +427,10 @@ def reference(
             reference_outcome = replayed_outcome(loaded, mode=mode)
     if reference_outcome["exception"] is not None:
         raise ReplayError(f"the {kind} reference raised {reference_outcome['exception']['type']}")
-    ref = [(p, a.astype(np.float64)) for p, a in reference_outcome["output"]]
+    ref = [(p, a.astype(np.float64)) for p, a in _compared(reference_outcome)]
     widen = lambda leaves: [(p, a.astype(np.float64)) for p, a in leaves]  # noqa: E731
-    recorded_rows = compare_leaves(ref, widen(recorded_outcome(loaded)["output"]))
-    replayed_rows = compare_leaves(ref, widen(replayed["output"]))
+    recorded_rows = compare_leaves(ref, widen(_compared(recorded_outcome(loaded))))
+    replayed_rows = compare_leaves(ref, widen(_compared(replayed)))
     leaves = []
     for rec, rep in zip(recorded_rows, replayed_rows, strict=True):
         rec_err = 0.0 if rec["bitwise_equal"] else rec.get("max_abs_error", float("inf"))
@@ -439,6 +447,12 @@ def reference(
             }
         )
     return {"reference": kind, "leaves": leaves}
+
+
+def _compared(outcome: dict) -> list:
+    """The leaves a reference is compared on: the output, and a gradient issue's gradients."""
+    gradients = [(f"gradients[{path!r}]", a) for path, a in outcome.get("gradients") or []]
+    return list(outcome["output"]) + gradients
 
 
 def _float64_reference(path: str, options: list[str]) -> dict:
@@ -500,10 +514,9 @@ def _x64_outputs_main(path: str, target: str, options: list[str]) -> int:
             file=sys.stderr,
         )
         return 1
-    arrays = {
-        f"leaf{i}": np.asarray(a, dtype=np.float64) for i, (_, a) in enumerate(outcome["output"])
-    }
-    np.savez(target, paths=np.array(json.dumps([p for p, _ in outcome["output"]])), **arrays)
+    leaves = _compared(outcome)  # already named: the reference's "output" holds them all
+    arrays = {f"leaf{i}": np.asarray(a, dtype=np.float64) for i, (_, a) in enumerate(leaves)}
+    np.savez(target, paths=np.array(json.dumps([p for p, _ in leaves])), **arrays)
     return 0
 
 
