@@ -56,6 +56,7 @@ def _reported_errors(debug: bool, unexpected_exit: int) -> Iterator[None]:
         if debug:
             traceback.print_exc()
         click.echo(f"reprokit: error: {error}", err=True)
+        _echo_error_json(str(error), error.exit_code)
         sys.exit(error.exit_code)
     except (KeyboardInterrupt, SystemExit, click.exceptions.Exit):
         raise
@@ -64,7 +65,37 @@ def _reported_errors(debug: bool, unexpected_exit: int) -> Iterator[None]:
             traceback.print_exc()
         message = " ".join(f"{type(error).__name__}: {error}".split())[:500]
         click.echo(f"reprokit: error: {message} (rerun with --debug for the traceback)", err=True)
+        _echo_error_json(message, unexpected_exit)
         sys.exit(unexpected_exit)
+
+
+def _echo_error_json(message: str, exit_code: int) -> None:
+    """With --json, stdout holds one JSON object on failure too (scripts parse every outcome)."""
+    ctx = click.get_current_context(silent=True)
+    if ctx is not None and ctx.params.get("as_json"):
+        click.echo(json.dumps({"error": message, "exit_code": exit_code}, indent=1))
+
+
+class _JsonGroup(click.Group):
+    """The verbs' group: with --json, click's own usage errors are JSON on stdout as well."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        argv = list(sys.argv[1:] if args is None else args)
+        if "--json" not in argv or not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        try:
+            code = super().main(argv, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.ClickException as error:
+            error.show()
+            click.echo(
+                json.dumps({"error": error.format_message(), "exit_code": error.exit_code}, indent=1)
+            )
+            sys.exit(error.exit_code)
+        except click.Abort:
+            click.echo("Aborted!", err=True)
+            click.echo(json.dumps({"error": "aborted", "exit_code": 1}, indent=1))
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
 
 
 def _debug_option(fn):
@@ -166,7 +197,11 @@ def _limits() -> Limits:
     return Limits(**(ctx.meta.get("reprokit_limits", {}) if ctx else {}))
 
 
-@click.group(epilog=EXIT_CODES_HELP, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(
+    cls=_JsonGroup,
+    epilog=EXIT_CODES_HELP,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
 @click.version_option(package_name="reprokit", message="reprokit %(version)s")
 def main() -> None:
     """Pack a failing JAX/penzai layer into one .repro.zip that anyone can replay.

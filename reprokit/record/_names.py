@@ -21,7 +21,7 @@ import sys
 import types
 from collections.abc import Iterable
 
-from reprokit._errors import CaptureError, RefusedTypeError
+from reprokit._errors import CaptureError, RefusedTypeError, ReplayError
 from reprokit.archive._allowlist import (
     CALLABLE_NAMESPACES,
     DENIED_CALLABLES,
@@ -89,6 +89,15 @@ def _import(module: str, name: str):
             from reprokit.record._flax import needs_flax_error
 
             raise needs_flax_error(None) from None
+        if isinstance(error, ModuleNotFoundError):
+            # The maintainer allowed the module, this machine lacks it: the archive
+            # is valid, it cannot be replayed here (exit 5, not "invalid").
+            missing = getattr(error, "name", None) or module
+            raise ReplayError(
+                f"cannot replay here: module {missing!r} (needed for {name!r}) is not installed; "
+                f"install it or put it on PYTHONPATH, or ask the reporter to repack with "
+                "--bundle-code"
+            ) from None
         raise RefusedTypeError(
             f"cannot import module {module!r} needed for {name!r}: {error}"
         ) from None

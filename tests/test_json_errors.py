@@ -1,0 +1,97 @@
+"""`--json` always prints one JSON object on stdout, on every verb and every exit code.
+
+Scripts and CI jobs triaging archives parse stdout; a refused archive, a usage
+error or a machine that cannot replay must still give them
+`{"error": ..., "exit_code": ...}` (the one-line message stays on stderr).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+
+import models
+import pytest
+from conftest import run_reprokit, subprocess_env
+from penzai import pz
+
+import reprokit
+
+MYMOD = """
+import dataclasses
+import jax.numpy as jnp
+from penzai import pz
+
+
+@pz.pytree_dataclass
+class Exploding(pz.nn.Layer):
+    axis: str = dataclasses.field(metadata={"pytree_node": False})
+
+    def __call__(self, x, /, **side_inputs):
+        return pz.nx.nmap(jnp.exp)(x * 300.0)
+"""
+
+
+@pytest.fixture(scope="module")
+def archives(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("json")
+    source = folder / "src"
+    source.mkdir()
+    (source / "json_errors_mod.py").write_text(MYMOD)
+    import sys
+
+    sys.path.insert(0, str(source))
+    try:
+        mod = importlib.import_module("json_errors_mod")
+        model = pz.nn.Sequential([models.mlp(), mod.Exploding(axis="features")])
+        out = folder / "mod.repro.zip"
+        reprokit.pack(
+            pz.select(model).at_instances_of(mod.Exploding),
+            models.mlp_input(),
+            out=out,
+            check=False,
+            quiet=True,
+        )
+    finally:
+        sys.path.remove(str(source))
+    garbage = folder / "garbage.repro.zip"
+    garbage.write_bytes(b"PK\x03\x04 not really a zip")
+    return {"mod": out, "garbage": garbage, "missing": folder / "missing.repro.zip", "dir": folder}
+
+
+CASES = [
+    (["run", "{missing}"], 3),
+    (["run", "{garbage}"], 3),
+    (["run", "{mod}"], 3),  # refused: the module is not allowed
+    (["run", "{mod}", "--allow-module", "json_errors_mod"], 5),  # allowed, not installed here
+    (["run", "{mod}", "--quiet"], 2),  # --json and --quiet contradict
+    (["run", "{mod}", "--no-such-option"], 2),  # click's own usage error
+    (["inspect", "{garbage}"], 3),
+    (["verify", "{garbage}"], 3),
+    (["issue", "{garbage}"], 3),
+    (["env", "--diff", "{garbage}"], 3),
+    (["pack", "nowhere.py:make_call", "--select", "x"], 2),
+]
+
+
+@pytest.mark.parametrize("args, code", CASES, ids=[" ".join(a) for a, _ in CASES])
+def test_json_on_every_error_path(archives, args, code):
+    args = [a.format(**archives) for a in args]
+    result = run_reprokit(*args, "--json", cwd=archives["dir"], env=subprocess_env())
+    assert result.returncode == code, (result.stdout, result.stderr)
+    payload = json.loads(result.stdout)
+    assert isinstance(payload, dict), result.stdout
+    assert payload["exit_code"] == code
+    assert isinstance(payload["error"], str) and payload["error"]
+    assert os.path.expanduser("~") not in result.stdout or os.path.expanduser("~") == "/"
+
+
+def test_json_on_success_is_one_object_too(archives):
+    env = subprocess_env()
+    env["PYTHONPATH"] = os.pathsep.join([str(archives["dir"] / "src"), env["PYTHONPATH"]])
+    result = run_reprokit(
+        "run", archives["mod"], "--allow-module", "json_errors_mod", "--json", env=env
+    )
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["reproduced"] is True
