@@ -615,6 +615,7 @@ def run(
         # Opened once, before jax starts: the recorded XLA flags must be set first.
         opened = open_archive(archive, _limits(), allow_modules=trust.modules)
         try:
+            script = _replay_script_status(opened)
             notes = _put_recorded_xla_flags(opened.manifest)
         except BaseException:
             opened.close()
@@ -623,6 +624,8 @@ def run(
         from reprokit.replaying._replay import load_archive, replay_loaded
 
         loaded = load_archive(opened, trust, mesh=mesh)
+        # Only for an archive that loaded: a refusal stays the one line on stderr.
+        _warn_if_replay_script_differs(script)
         verdict = replay_loaded(loaded, stablehlo=stablehlo)
         if notes:
             verdict = _with_notes(verdict, notes)
@@ -661,6 +664,20 @@ def run(
         # --expect fixed swaps the meaning of 0 and 1: success is the fix.
         as_expected = verdict.reproduced == (expect == "reproduced")
         sys.exit(EXIT_REPRODUCED if as_expected else EXIT_NOT_REPRODUCED)
+
+
+def _replay_script_status(opened) -> str:
+    from reprokit.views._script import replay_script_status
+
+    return replay_script_status(opened)
+
+
+def _warn_if_replay_script_differs(status: str) -> None:
+    """run does not execute replay.py, but a maintainer may: say when it is not ours."""
+    from reprokit.views._script import replay_script_line
+
+    if status == "differs":
+        click.echo(f"reprokit: warning: {replay_script_line('differs')}", err=True)
 
 
 def _format_repeat(report: dict) -> str:
@@ -797,12 +814,14 @@ def inspect(
             return
         from reprokit.archive._open import open_archive
         from reprokit.views._inspect import archive_statistics, describe_archive
+        from reprokit.views._script import replay_script_line, replay_script_status
 
         # Every member's CRC is checked: the sha256 reads the whole file anyway.
         opened = open_archive(archive, _limits(), verify_members=True)
         try:
             sha256 = opened.reader.sha256()
             statistics = None if quiet else archive_statistics(opened)
+            script = replay_script_status(opened)
         finally:
             opened.close()
         if as_json:
@@ -811,10 +830,13 @@ def inspect(
                 "manifest": opened.manifest,
                 "arrays": opened.structure["arrays"],
                 "statistics": statistics,
+                "replay_script": script,
             }
             click.echo(json.dumps(payload, indent=1))
         elif not quiet:
             click.echo(describe_archive(opened.manifest, opened.structure, sha256, statistics))
+            if replay_script_line(script):
+                click.echo(replay_script_line(script))
 
 
 def _write_html(archive: str, out: str, trust, as_json: bool, quiet: bool) -> None:
@@ -934,14 +956,24 @@ def verify(archive, as_json, quiet, allow_modules, debug):
     """
     with _reported_errors(debug, EXIT_INVALID_ARCHIVE):
         _check_output_options(as_json, quiet)
+        from reprokit.archive._open import open_archive
         from reprokit.archive._trust import TrustPolicy
         from reprokit.archive._verify import verify_archive
+        from reprokit.views._script import replay_script_line, replay_script_status
 
         report = verify_archive(archive, trust=TrustPolicy(allow_modules), limits=_limits())
+        # Rendering the script needs jinja2, which the archive layer never imports.
+        opened = open_archive(archive, _limits())
+        try:
+            script = replay_script_status(opened)
+        finally:
+            opened.close()
         if as_json:
-            click.echo(json.dumps(report.as_dict(), indent=1))
+            click.echo(json.dumps({**report.as_dict(), "replay_script": script}, indent=1))
         elif not quiet:
             click.echo(report.format())
+            if replay_script_line(script):
+                click.echo(replay_script_line(script))
 
 
 if __name__ == "__main__":  # pragma: no cover
