@@ -149,6 +149,12 @@ def process_times(archive: str, repeats: int) -> dict:
             "import jax, penzai; from penzai import pz; "
             "jax.jit(lambda x: x + 1)(jax.numpy.ones(3)).block_until_ready()",
         ],
+        # Issue 17's backend-start floor: the imports plus one array on the device.
+        "floor_zeros": [
+            sys.executable,
+            "-c",
+            "import jax, penzai; jax.numpy.zeros(1).block_until_ready()",
+        ],
         "run": [*reprokit, "run", archive],
         "verify": [*reprokit, "verify", archive],
         "inspect": [*reprokit, "inspect", archive],
@@ -351,6 +357,133 @@ def targets(sizes: list[dict], process: dict | None) -> list[dict]:
     return out
 
 
+ROUND2_LIMITS = {
+    "fixed": 1.5,  # x (one eager forward + one jit lowering)
+    "self_check": 1.2,  # x one `reprokit run` of the same archive
+    "run_floor": 1.2,  # x `import jax, penzai; jnp.zeros(1)`
+    "leaves_pack": 2.0,  # x np.savez
+    "leaves_load": 2.0,  # x np.load
+    "doubling": 2.2,  # pack(2N) / pack(N): linear is 2.0
+    "layers": 2.0,  # x (one forward + np.savez)
+    "find": 4.0,  # x one plain forward
+    "inspect_s": 2.0,  # seconds, 100,000 arrays
+    "inspect_memory": 2.2,  # (peak RSS - base) at 2N / at N: linear is 2.0
+}
+
+
+def _best_ratio(times: dict, top: str, bottom: list[str]) -> float:
+    return _ratio(min(times[top]), sum(min(times[k]) for k in bottom))
+
+
+def round2_targets(results: dict) -> list[dict]:
+    """Issue 17's targets, each a ratio measured in this run (median; best of repeats beside)."""
+    out = []
+
+    def add(target: str, value: float, limit: float, best: float | None = None, note: str = ""):
+        row = {"target": target, "value": value, "limit": limit, "met": bool(value <= limit)}
+        if best is not None:
+            row["best"] = best
+        if note:
+            row["note"] = note
+        out.append(row)
+
+    fixed = results.get("fixed")
+    if fixed:
+        t = {k: median(v) for k, v in fixed["times"].items()}
+        add(
+            "1. small layer: pack(check=False) / (eager forward + jit lower)",
+            _ratio(t["pack"], t["forward"] + t["lower"]),
+            ROUND2_LIMITS["fixed"],
+            _best_ratio(fixed["times"], "pack", ["forward", "lower"]),
+        )
+        if fixed.get("self_check"):
+            c = {k: median(v) for k, v in fixed["self_check"].items()}
+            add(
+                "2. self-check / one `reprokit run` (same small archive)",
+                _ratio(c["self_check"], c["run"]),
+                ROUND2_LIMITS["self_check"],
+                _best_ratio(fixed["self_check"], "self_check", ["run"]),
+            )
+    process = results.get("process")
+    if process and "floor_zeros" in process["times"]:
+        t = {k: median(v) for k, v in process["times"].items()}
+        add(
+            "2. `reprokit run` (small archive) / `import jax, penzai; jnp.zeros(1)`",
+            _ratio(t["run"], t["floor_zeros"]),
+            ROUND2_LIMITS["run_floor"],
+            _best_ratio(process["times"], "run", ["floor_zeros"]),
+        )
+    perleaf = results.get("perleaf")
+    if perleaf:
+        for name, label in (("plain", "arrays in a tuple"), ("named", "NamedArrays in a dict")):
+            row = perleaf.get(name)
+            if not row:
+                continue
+            t = {k: median(v) for k, v in row["times"].items()}
+            n = row["leaves"]
+            add(
+                f"3. pack of {n:,} {label} / np.savez",
+                _ratio(t["pack"], t["npz"]),
+                ROUND2_LIMITS["leaves_pack"],
+                _best_ratio(row["times"], "pack", ["npz"]),
+                note=f"of which StableHLO export {_fmt_s(row.get('stablehlo_s'))}",
+            )
+            add(
+                f"3. load of {n:,} {label} / np.load",
+                _ratio(t["load"], t["npz_load"]),
+                ROUND2_LIMITS["leaves_load"],
+                _best_ratio(row["times"], "load", ["npz_load"]),
+            )
+        if perleaf.get("plain") and perleaf.get("plain_double"):
+            one, two = perleaf["plain"], perleaf["plain_double"]
+            add(
+                f"3. pack of {two['leaves']:,} / pack of {one['leaves']:,} leaves (linear: 2.0)",
+                _ratio(median(two["times"]["pack"]), median(one["times"]["pack"])),
+                ROUND2_LIMITS["doubling"],
+                _ratio(min(two["times"]["pack"]), min(one["times"]["pack"])),
+            )
+        layers = perleaf.get("layers")
+        if layers:
+            t = {k: median(v) for k, v in layers["times"].items()}
+            add(
+                f"3. pack of a {layers['layers']:,}-layer Sequential / (forward + np.savez)",
+                _ratio(t["pack"], t["forward"] + t["npz"]),
+                ROUND2_LIMITS["layers"],
+                _best_ratio(layers["times"], "pack", ["forward", "npz"]),
+                note=f"of which StableHLO export {_fmt_s(layers.get('stablehlo_s'))}",
+            )
+    find = results.get("find")
+    if find:
+        add(
+            '4. find(check="mismatch") / one plain forward',
+            _ratio(median(find["times"]["find"]), median(find["times"]["forward"])),
+            ROUND2_LIMITS["find"],
+            _best_ratio(find["times"], "find", ["forward"]),
+        )
+    inspect = results.get("inspect")
+    if inspect and inspect["rows"]:
+        rows = sorted(inspect["rows"], key=lambda r: r["arrays"])
+        big = rows[-1]
+        add(
+            f"5. `reprokit inspect` of {big['arrays']:,} arrays (seconds)",
+            median(big["times"]),
+            ROUND2_LIMITS["inspect_s"],
+            min(big["times"]),
+        )
+        if len(rows) > 1:
+            base = median(inspect["base_rss"])
+            small = rows[0]
+            growth = _ratio(median(big["peak_rss"]) - base, median(small["peak_rss"]) - base)
+            scale = big["arrays"] / small["arrays"]
+            add(
+                f"5. inspect peak RSS above the CLI's own, {big['arrays']:,} / "
+                f"{small['arrays']:,} arrays (linear: {scale:.1f})",
+                growth,
+                ROUND2_LIMITS["inspect_memory"] * scale / 2,
+            )
+    return out
+
+
 def render(results: dict) -> str:
     """The Markdown tables printed at the end of a run (and pasted into the README)."""
     parts = []
@@ -466,6 +599,7 @@ def render(results: dict) -> str:
         labels = {
             "floor": '`python -c "import jax, penzai"`',
             "floor_op": "same + `from penzai import pz` + one jitted op",
+            "floor_zeros": "same + `jax.numpy.zeros(1).block_until_ready()`",
             "run": "`reprokit run` small archive",
             "verify": "`reprokit verify` small archive",
             "inspect": "`reprokit inspect` small archive",
@@ -603,11 +737,33 @@ def render(results: dict) -> str:
         ]
         for t in results["targets"]
     ]
-    parts.append(
-        "**Targets** (issue 6; met/missed on the median ratio; best = ratio of the "
-        "fastest repeats, what the machine gives without other work)\n\n"
-        + _table(["target", "median", "best", "limit", ""], rows)
-    )
+    if rows:
+        parts.append(
+            "**Targets** (issue 6; met/missed on the median ratio; best = ratio of the "
+            "fastest repeats, what the machine gives without other work)\n\n"
+            + _table(["target", "median", "best", "limit", ""], rows)
+        )
+    round2 = results.get("round2_targets") or []
+    if round2:
+        rows = []
+        for t in round2:
+            seconds = "(seconds)" in t["target"]
+            show = _fmt_s if seconds else _fmt_x
+            limit = _fmt_s(t["limit"]) if seconds else f"{t['limit']:.2f}×"
+            rows.append(
+                [
+                    t["target"],
+                    show(t["value"]),
+                    show(t.get("best")),
+                    f"≤ {limit}",
+                    ("met" if t["met"] else "MISSED") + (f" ({t['note']})" if t.get("note") else ""),
+                ]
+            )
+        parts.append(
+            "**Targets, round 2** (issue 17; each a ratio of methods timed interleaved in one "
+            "process; met/missed on the median, best = fastest repeats)\n\n"
+            + _table(["target", "median", "best", "limit", ""], rows)
+        )
     m = results["machine"]
     load = results["load_before"]
     parts.append(
@@ -618,6 +774,36 @@ def render(results: dict) -> str:
         f"whole run {results['elapsed_s']:.0f} s."
     )
     return "\n\n".join(parts)
+
+
+# ------------------------------------------------------------ issue 17's rows
+
+ROUND2_TASKS = ("fixed", "perleaf", "find", "inspect")
+
+
+def run_round2(args: argparse.Namespace, folder: str, results: dict, log: Any, say: Any) -> None:
+    """Issue 17's rows, each in its own worker process; a failed row is reported, not fatal."""
+    chosen = _names(args.round2)
+    arguments = {
+        "fixed": {"dir": folder, "repeats": 7, "self_check": not args.no_self_check},
+        "perleaf": {"dir": folder, "repeats": 3, "leaves": args.per_leaf_count, "layers": 1000},
+        "find": {"repeats": 5},
+        "inspect": {
+            "dir": folder,
+            "repeats": 3,
+            "counts": [args.inspect_arrays // 2, args.inspect_arrays],
+        },
+    }
+    for task in ROUND2_TASKS:
+        if task not in chosen:
+            continue
+        say(f"issue 17: {task}")
+        try:
+            results[task] = run_worker(task, arguments[task], log, args.verbose)
+        except RuntimeError as error:
+            results[task] = None
+            results[f"{task}_error"] = str(error)
+            say(f"{task} failed: {error}")
 
 
 # ------------------------------------------------------------ main
@@ -664,6 +850,30 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         help="repeats of the whole-process timings (0: skip) [5]",
     )
     parser.add_argument(
+        "--round2",
+        default=None,
+        help="issue 17's target rows to run, comma-separated from "
+        f"{','.join(ROUND2_TASKS)} ('' to skip) [all]",
+    )
+    parser.add_argument(
+        "--only-round2",
+        action="store_true",
+        help="run only issue 17's rows (with the whole-process timings they need); "
+        "sizes, leaf/layer scaling and size fitting are skipped",
+    )
+    parser.add_argument(
+        "--per-leaf-count",
+        type=int,
+        default=None,
+        help="leaves of the per-leaf target rows (also run at twice that) [10000]",
+    )
+    parser.add_argument(
+        "--inspect-arrays",
+        type=int,
+        default=None,
+        help="arrays of the largest inspect archive (also run at half that) [100000]",
+    )
+    parser.add_argument(
         "--no-alternatives", action="store_true", help="skip np.savez, orbax and pickle"
     )
     parser.add_argument("--no-self-check", action="store_true", help="skip timing the self-check")
@@ -683,6 +893,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("-v", "--verbose", action="store_true", help="show the workers' progress")
     args = parser.parse_args(argv)
     quick = {
+        "round2": ",".join(ROUND2_TASKS),
+        "per_leaf_count": 2000,
+        "inspect_arrays": 20000,
         "sizes": "16,64",
         "leaf_counts": "10,100,1000",
         "layer_counts": "10,100",
@@ -691,6 +904,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         "repeats": 3,
     }
     full = {
+        "round2": ",".join(ROUND2_TASKS),
+        "per_leaf_count": 10000,
+        "inspect_arrays": 100000,
         "sizes": ",".join(map(str, DEFAULT_SIZES)),
         "leaf_counts": ",".join(map(str, DEFAULT_LEAF_COUNTS)),
         "layer_counts": ",".join(map(str, DEFAULT_LAYER_COUNTS)),
@@ -698,10 +914,26 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         "process_repeats": 5,
         "repeats": None,
     }
+    if args.only_round2:
+        for name, value in (
+            ("sizes", ""),
+            ("leaf_counts", ""),
+            ("layer_counts", ""),
+            ("compress_size", 0),
+        ):
+            if getattr(args, name) is None:
+                setattr(args, name, value)
     for name, value in (quick if args.quick else full).items():
         if getattr(args, name) is None:
             setattr(args, name, value)
+    unknown = set(_names(args.round2)) - set(ROUND2_TASKS)
+    if unknown:
+        parser.error(f"--round2: unknown rows {', '.join(sorted(unknown))}")
     return args
+
+
+def _names(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
 
 
 def _ints(text: str) -> list[int]:
@@ -799,6 +1031,7 @@ def main(argv: list[str] | None = None) -> dict:
                     log,
                     args.verbose,
                 )
+            run_round2(args, folder, results, log, say)
             if args.compress_size:
                 say("size fitting")
                 try:
@@ -819,6 +1052,7 @@ def main(argv: list[str] | None = None) -> dict:
     results["load_after"] = machine_load()
     results["elapsed_s"] = time.perf_counter() - started
     results["targets"] = targets(results["sizes"], results.get("process"))
+    results["round2_targets"] = round2_targets(results)
     table = render(results)
     results["table_markdown"] = table
     print(table)

@@ -15,6 +15,7 @@ cold read vs the alternatives), `leaves` (per-leaf costs) and `compress`
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import pickle
@@ -635,7 +636,305 @@ def task_compress(args: dict) -> dict:
     return {"rows": rows}
 
 
+# ------------------------------------------------------------ round 2 (issue 17)
+
+
+def _small_case() -> Any:
+    """One Linear of a small MLP (the `small` archive): a layer whose forward takes milliseconds."""
+    import jax
+    import jax.numpy as jnp
+    from penzai import pz
+    from penzai.models import simple_mlp
+
+    from benchmarks.models import Case
+
+    model = simple_mlp.MLP.from_config(
+        name="mlp", init_base_rng=jax.random.key(0), feature_sizes=[4, 8, 8, 4]
+    )
+    argument = pz.nx.wrap(jnp.linspace(-1.0, 1.0, 12).reshape(3, 4), "batch", "features")
+    case = Case("small", model, argument, {})
+    case.selection = lambda: pz.select(model).at_instances_of(pz.nn.Linear).pick_nth_selected(1)
+    return case
+
+
+def _interleaved(methods: dict[str, Callable[[], Any]], repeats: int) -> dict[str, list[float]]:
+    """Times each method `repeats` times, round-robin, so that load drifts hit all alike."""
+    times: dict[str, list[float]] = {name: [] for name in methods}
+    for _ in range(repeats):
+        for name, method in methods.items():
+            gc.collect()
+            start = time.perf_counter()
+            method()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def task_fixed(args: dict) -> dict:
+    """Target 1: pack(check=False) of a small layer vs one eager forward + one jit lowering.
+
+    The floor is what capturing and exporting cannot avoid: the model run
+    once (eagerly, as the capture runs it) and the selected layer lowered
+    once with `jax.jit(...).lower()` (a fresh function each time, as pack's
+    export is never cached). Both are timed in this process after a warm-up.
+    Target 2's in-process half: the self-check (`check=True` adds it) vs one
+    `reprokit run` of the same archive, both whole fresh processes.
+    """
+    import subprocess
+
+    import jax
+
+    import reprokit
+    from reprokit.capture._selfcheck import self_check
+
+    case = _small_case()
+    out = os.path.join(args["dir"], "fixed.repro.zip")
+
+    def forward() -> Any:
+        return jax.block_until_ready(case.model(case.argument))
+
+    # The selected layer's own input: what the lowering is traced with.
+    captured = _capture(case)[1]
+    inner, layer_input = captured.submodel, captured.argument
+
+    def lower() -> Any:
+        def call(submodel, x):  # a new function each time: no lowering cache
+            return submodel(x)
+
+        return jax.jit(call).lower(inner, layer_input)
+
+    def pack() -> Any:
+        return reprokit.pack(case.selection(), case.argument, out=out, check=False, quiet=True)
+
+    pack()
+    forward()
+    lower()
+    reps = args.get("repeats", 7)
+    times = _interleaved({"pack": pack, "forward": forward, "lower": lower}, reps)
+    result: dict[str, Any] = {"times": times}
+    if args.get("self_check", True):
+        reprokit.pack(case.selection(), case.argument, out=out, check=False, quiet=True)
+        script = os.path.join(os.path.dirname(sys.executable), "reprokit")
+        reprokit_command = [script] if os.path.exists(script) else [sys.executable, "-m", "reprokit"]
+        run = [*reprokit_command, "run", out]
+        env = dict(os.environ)
+        subprocess.run(run, env=env, capture_output=True, stdin=subprocess.DEVNULL)
+        self_check(out)
+
+        def run_once() -> None:
+            subprocess.run(run, env=env, capture_output=True, stdin=subprocess.DEVNULL)
+
+        result["self_check"] = _interleaved(
+            {"self_check": lambda: self_check(out), "run": run_once}, max(3, reps // 2)
+        )
+    _remove(out)
+    _remove(out.removesuffix(".repro.zip") + ".issue.md")
+    return result
+
+
+def _named_dict_case(count: int) -> Any:
+    """An Identity layer called on a dict of `count` 1-KiB `NamedArray`s (issue 17's worst case)."""
+    import jax
+    from penzai import pz
+
+    from benchmarks.models import Case
+
+    rng = np.random.default_rng(count)
+    argument = {
+        f"x{i}": pz.nx.wrap(jax.device_put(rng.standard_normal(256, dtype=np.float32)), "a")
+        for i in range(count)
+    }
+    return Case(f"{count}named", pz.nn.Sequential([pz.nn.Identity()]), argument, {})
+
+
+def task_perleaf(args: dict) -> dict:
+    """Target 3: per-leaf costs against np.savez / np.load, linear growth, 1,000 layers.
+
+    Rows: pack of N plain leaves and of N NamedArray leaves in a dict vs
+    np.savez of the same arrays (+fsync); load vs np.load (hot page cache);
+    pack at 2N over pack at N (linear growth shows as 2.0); pack of an
+    L-layer Sequential vs one eager forward of it plus np.savez of its arrays.
+    Also pack's StableHLO export alone (jax's lowering: per argument, in jax).
+    """
+    import jax
+
+    import reprokit
+    from benchmarks.models import build_leafy, record_arrays
+    from reprokit.capture import _write
+    from reprokit.record import _stablehlo
+
+    folder, reps = args["dir"], args.get("repeats", 3)
+    count = args.get("leaves", 10000)
+    rows: dict[str, Any] = {}
+    cases = [
+        ("plain", _leafy_identity(count)),
+        ("named", _named_dict_case(count)),
+        ("plain_double", _leafy_identity(2 * count)),
+    ]
+    for name, case in cases:
+        record = _first_record(case)
+        arrays = record_arrays(record)
+        paths = {
+            "pack": os.path.join(folder, f"perleaf-{name}.repro.zip"),
+            "npz": os.path.join(folder, f"perleaf-{name}.npz"),
+        }
+
+        def do_pack(case=case, out=paths["pack"]) -> Any:
+            return reprokit.pack(case.selection(), case.argument, out=out, check=False, quiet=True)
+
+        do_pack()
+        npz_write(paths["npz"], arrays)
+        methods: dict[str, Callable[[], Any]] = {
+            "pack": do_pack,
+            "npz": lambda a=arrays, p=paths["npz"]: npz_write(p, a),
+            "load": lambda p=paths["pack"]: reprokit.load(p),
+            "npz_load": lambda p=paths["npz"]: npz_read(p),
+        }
+        row: dict[str, Any] = {"leaves": len(arrays), "times": _interleaved(methods, reps)}
+        start = time.perf_counter()
+        _stablehlo.export_layer(_write._record_parts(record))
+        row["stablehlo_s"] = time.perf_counter() - start
+        rows[name] = row
+        for path in paths.values():
+            _remove(path)
+            _remove(path.removesuffix(".repro.zip") + ".issue.md")
+        del case, record, arrays
+        gc.collect()
+        _log(f"perleaf {name}: " + ", ".join(f"{k} {median(v):.3f}s" for k, v in row["times"].items()))
+
+    layers = args.get("layers", 1000)
+    case = build_leafy(layers)
+    record = _first_record(case)
+    arrays = record_arrays(record)
+    out = os.path.join(folder, "layers.repro.zip")
+    npz = os.path.join(folder, "layers.npz")
+
+    def forward() -> Any:
+        return jax.block_until_ready(case.model(case.argument))
+
+    def do_pack() -> Any:
+        return reprokit.pack(case.selection(), case.argument, out=out, check=False, quiet=True)
+
+    do_pack()
+    forward()
+    times = _interleaved(
+        {"pack": do_pack, "forward": forward, "npz": lambda: npz_write(npz, arrays)}, reps
+    )
+    start = time.perf_counter()
+    _stablehlo.export_layer(_write._record_parts(record))
+    rows["layers"] = {
+        "layers": layers,
+        "times": times,
+        "stablehlo_s": time.perf_counter() - start,
+    }
+    for path in (out, npz, out.removesuffix(".repro.zip") + ".issue.md"):
+        _remove(path)
+    return rows
+
+
+def task_find(args: dict) -> dict:
+    """Target 4: find(check="mismatch") vs one plain eager forward of the same model.
+
+    The tiny llama-like transformer of `benchmarks/bench_find_watch.py`,
+    healthy (find raises CaptureError when nothing exceeds the tolerance:
+    the whole search still runs). Interleaved repeats in this process.
+    """
+    import jax
+
+    import reprokit
+    from benchmarks.bench_find_watch import build, inputs
+
+    tokens, side = inputs()
+    model = build()
+
+    def forward() -> Any:
+        return jax.block_until_ready(model(tokens, **side))
+
+    def mismatch() -> None:
+        try:
+            reprokit.search(model, tokens, side_inputs=side, check="mismatch")
+        except reprokit.CaptureError:
+            pass  # healthy model: nothing over the tolerance
+
+    forward()
+    mismatch()
+    return {"times": _interleaved({"find": mismatch, "forward": forward}, args.get("repeats", 5))}
+
+
+def _peak_child_rss(command: list[str]) -> tuple[float, int]:
+    """(wall seconds, peak RSS in bytes) of one child process."""
+    import subprocess
+
+    start = time.perf_counter()
+    process = subprocess.Popen(
+        command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL
+    )
+    _, status, usage = os.wait4(process.pid, 0)
+    elapsed = time.perf_counter() - start
+    process.returncode = os.waitstatus_to_exitcode(status)
+    error = process.stderr.read().decode(errors="replace") if process.stderr else ""
+    if process.returncode:
+        raise RuntimeError(f"{command[-2:]} exited {process.returncode}: {error[-500:]}")
+    return elapsed, usage.ru_maxrss * 1024
+
+
+def task_inspect(args: dict) -> dict:
+    """Target 5: `reprokit inspect` of archives of N and 2N small arrays: time and peak RSS.
+
+    The archives are written by `write_archive` from an Identity layer called
+    on N 16-byte arrays, without the StableHLO export (jax's lowering of
+    100,000 arguments would dominate the setup, and inspect does not read
+    the module). Each inspect is a fresh process, as a maintainer runs it.
+    """
+    from reprokit.capture._options import PackOptions
+    from reprokit.capture._write import write_archive
+
+    folder, reps = args["dir"], args.get("repeats", 3)
+    rows = []
+    for count in args.get("counts", (50000, 100000)):
+        import jax
+        from penzai import pz
+
+        from benchmarks.models import Case
+
+        argument = tuple(jax.device_put(np.full(4, i, np.float32)) for i in range(count))
+        case = Case(f"{count}", pz.nn.Sequential([pz.nn.Identity()]), argument, {})
+        capture, record = _capture(case)
+        out = os.path.join(folder, f"inspect{count}.repro.zip")
+        write_archive(
+            record,
+            out=out,
+            keypath=capture.keypath,
+            layer_type=capture.layer_type,
+            mode=capture.mode,
+            options=PackOptions(check=False),
+            stablehlo=(None, {"error": "not exported for this benchmark"}),
+            issue_snippet=False,
+        )
+        command = [sys.executable, "-m", "reprokit", "inspect", out]
+        _peak_child_rss(command)  # page cache and bytecode warm
+        runs = [_peak_child_rss(command) for _ in range(reps)]
+        rows.append(
+            {
+                "arrays": count,
+                "times": [t for t, _ in runs],
+                "peak_rss": [r for _, r in runs],
+                "file_bytes": os.path.getsize(out),
+            }
+        )
+        _remove(out)
+        _log(f"inspect {count}: {median(rows[-1]['times']):.3f}s")
+        del argument, case, capture, record
+        gc.collect()
+    # The floor of a fresh process importing reprokit's CLI (peak RSS baseline).
+    base = [_peak_child_rss([sys.executable, "-m", "reprokit", "--help"]) for _ in range(reps)]
+    return {"rows": rows, "base_times": [t for t, _ in base], "base_rss": [r for _, r in base]}
+
+
 TASKS = {
+    "fixed": task_fixed,
+    "perleaf": task_perleaf,
+    "find": task_find,
+    "inspect": task_inspect,
     "small": task_small,
     "write": task_write,
     "read": task_read,

@@ -48,8 +48,17 @@ _FILL_PROBES = 64
 _FILL_CHUNK = 1 << 22
 
 
+# Names already accepted: an archive of 100,000 arrays names a handful of dtypes,
+# and building and checking a numpy dtype per array cost more than reading it.
+_DTYPES_SEEN: dict[str, np.dtype] = {}
+
+
 def dtype_from_name(name: str) -> np.dtype:
     """Returns the numeric numpy dtype called `name`, or raises ValueError."""
+    if type(name) is str:
+        seen = _DTYPES_SEEN.get(name)
+        if seen is not None:
+            return seen
     if not isinstance(name, str) or not name.isidentifier():
         raise ValueError(f"invalid dtype name {name!r}")
     if name in _ML_DTYPE_NAMES:
@@ -61,6 +70,8 @@ def dtype_from_name(name: str) -> np.dtype:
             raise ValueError(f"unknown dtype {name!r}") from None
         if dtype.kind not in _NUMERIC_KINDS or dtype.name != name:
             raise ValueError(f"dtype {name!r} is not a numeric dtype")
+    if len(_DTYPES_SEEN) < 256:
+        _DTYPES_SEEN[name] = dtype
     return dtype
 
 

@@ -161,10 +161,17 @@ def named_function(node: Any) -> str | None:
 
 def named(tree: Any) -> Iterator[str]:
     """Every class and function name (`module:qualname`) a tree names, in walk order."""
-    for _, node in walk(tree):
-        name = named_class(node) or named_function(node)
-        if name is not None:
-            yield name
+    # `walk` without its paths: building a path string per node is most of a walk's cost.
+    stack = [tree]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            name = named_class(node) or named_function(node)
+            if name is not None:
+                yield name
+        elif not isinstance(node, list):
+            continue
+        stack.extend(reversed(child_nodes(node)))
 
 
 def pack_bytes(node: Any) -> bytes:

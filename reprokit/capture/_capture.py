@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import os
 import sys
 import traceback
@@ -47,8 +48,10 @@ class CallRecord:
     final_var_values: tuple | None = None
     exception: dict | None = None
 
-    @property
+    @functools.cached_property
     def outcome(self) -> dict:
+        # Cached: choosing the call and deciding the recorded issue both read it,
+        # and it converts every output leaf to numpy.
         return outcome_from_call(self.output, self.final_var_values, self.exception)
 
     def misbehaves(self) -> bool:

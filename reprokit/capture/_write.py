@@ -462,7 +462,8 @@ def _contents(record: CallRecord, redaction: dict | None) -> dict:
     shapes = []
     for prefix, tree in (("argument", record.argument), ("side_inputs", record.side_inputs)):
         for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-            if hasattr(leaf, "shape"):
+            # Only the first 20 are kept: formatting the rest costs per leaf for nothing.
+            if hasattr(leaf, "shape") and len(shapes) < 20:
                 shapes.append(f"{prefix}{jax.tree_util.keystr(path)}: {leaf.dtype}{list(leaf.shape)}")
     return {
         "parameter_values": int(count),

@@ -30,6 +30,7 @@ user-chosen names and host addresses.
 from __future__ import annotations
 
 import enum
+import functools
 import importlib.metadata
 import math
 import os
@@ -151,13 +152,21 @@ def jax_config_snapshot() -> dict[str, Any]:
     return {name: _json_safe_config_value(name, values[name], meta) for name in sorted(values)}
 
 
+@functools.cache
+def _installed_version(name: str) -> str | None:
+    # Cached for the process: reading every distribution's metadata from disk
+    # was a third of a small layer's pack, and what this process imported
+    # cannot change version while it runs.
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
 def _package_versions() -> dict[str, str | None]:
     versions: dict[str, str | None] = {}
     for name in _CORE_PACKAGES + _PLUGIN_PACKAGES:
-        try:
-            version: str | None = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            version = None
+        version = _installed_version(name)
         if name == "reprokit" and version is None:
             # A source checkout is not an installed distribution.
             version = getattr(sys.modules.get("reprokit"), "__version__", None)

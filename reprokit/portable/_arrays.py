@@ -91,7 +91,10 @@ def describe(value: Any) -> tuple[dict, np.ndarray]:
     import jax
 
     if isinstance(value, jax.Array):
-        if jax.dtypes.issubdtype(value.dtype, jax.dtypes.prng_key):
+        # A key's dtype is jax's extended dtype, never a numpy one: the cheap test first.
+        if not isinstance(value.dtype, np.dtype) and jax.dtypes.issubdtype(
+            value.dtype, jax.dtypes.prng_key
+        ):
             data = np.asarray(jax.random.key_data(value), order="C")
             desc = {"kind": "key", "key_impl": str(jax.random.key_impl(value))}
         else:
@@ -100,11 +103,22 @@ def describe(value: Any) -> tuple[dict, np.ndarray]:
     else:
         data = np.asarray(value, order="C")
         desc = {"kind": "numpy"}
-    desc.update(dtype=data.dtype.name, shape=list(data.shape), nbytes=int(data.nbytes))
+    desc.update(dtype=_dtype_name(data.dtype), shape=list(data.shape), nbytes=int(data.nbytes))
     sharding = sharding_descriptor(getattr(value, "sharding", None))
     if sharding is not None:
         desc["sharding"] = sharding
     return desc, data
+
+
+_DTYPE_NAMES: dict = {}
+
+
+def _dtype_name(dtype: np.dtype) -> str:
+    # numpy computes `dtype.name` in Python on every access; a record has few dtypes.
+    name = _DTYPE_NAMES.get(dtype)
+    if name is None:
+        name = _DTYPE_NAMES[dtype] = dtype.name
+    return name
 
 
 def rebuild(desc: dict, raw: np.ndarray, sharding: Any = None) -> Any:
