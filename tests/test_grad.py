@@ -136,9 +136,14 @@ def test_sqrt_archive_replays_with_run_and_standalone_replay_py(tmp_path):
     reference = run_reprokit("run", out, "--reference", "float64")
     assert reference.returncode == 0, reference.stdout + reference.stderr
     assert "gradients['argument.data_array']" in reference.stdout
-    shown = run_reprokit("inspect", out)
+    shown = run_reprokit("inspect", out, "--html", tmp_path / "view.html")
     assert shown.returncode == 0, shown.stderr
-    assert "cotangent" in shown.stdout and "gradient" in shown.stdout
+    assert "cotangent at the layer's output: 'output_cotangent[0]'" in shown.stdout
+    assert "gradient the layer produced: 'argument.data_array'" in shown.stdout
+    page = (tmp_path / "view.html").read_text()
+    assert 'id="output_cotangent"' in page and 'id="gradients"' in page
+    issue = open(packed.issue_path).read()
+    assert "backward pass that makes NaN/Inf" in issue and "| backward pass |" in issue
 
 
 # ------------------------------------------------------------------ jnp.where trap, under Jitted

@@ -369,6 +369,57 @@ def describe_signature(sig: dict) -> str:
     return "output values (the recorded output is the reference)"
 
 
+_MAX_BACKWARD_LINES = 24
+
+
+def describe_backward(manifest: dict) -> list[str]:
+    """Lines on a gradient issue's backward pass: the cotangent at the output, each gradient.
+
+    From the manifest's `backward` section (statistics `pack(grad=...)`
+    wrote); empty for other archives. The section is archive data: only its
+    numbers and short, bounded names are printed.
+    """
+    backward = manifest.get("backward")
+    if not isinstance(backward, dict):
+        return []
+    lines = []
+    for title, key in (
+        ("cotangent at the layer's output", "output_cotangent"),
+        ("gradient the layer produced", "gradients"),
+    ):
+        items = backward.get(key)
+        for item in items if isinstance(items, list) else []:
+            if not isinstance(item, dict):
+                continue
+            counts = [
+                f"{_count(item, name)} {label}"
+                for name, label in (("nan", "NaN"), ("posinf", "+Inf"), ("neginf", "-Inf"))
+                if _count(item, name)
+            ]
+            shape = item.get("shape")
+            shape_text = (
+                "[" + ",".join(str(n) for n in shape) + "]"
+                if isinstance(shape, list) and all(type(n) is int for n in shape)
+                else ""
+            )
+            dtype = item.get("dtype") if isinstance(item.get("dtype"), str) else ""
+            max_abs = item.get("max_abs")
+            size = f", max |finite| {max_abs:.3g}" if type(max_abs) in (int, float) else ""
+            lines.append(
+                f"{title}: {brief_text(str(item.get('path', '?')), 80)} {dtype[:16]}{shape_text}: "
+                + (", ".join(counts) if counts else "finite")
+                + size
+            )
+    if len(lines) > _MAX_BACKWARD_LINES:
+        lines = lines[:_MAX_BACKWARD_LINES] + [f"... ({len(lines) - _MAX_BACKWARD_LINES} more)"]
+    return lines
+
+
+def _count(item: dict, name: str) -> int:
+    value = item.get(name)
+    return value if type(value) is int and value >= 0 else 0
+
+
 def human_bytes(size: float) -> str:
     """1536 -> '1.5 KiB'."""
     for unit in ("B", "KiB", "MiB", "GiB"):

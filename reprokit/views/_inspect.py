@@ -131,6 +131,7 @@ def describe_archive(
         f"layer: {layer['type']} at {layer['keypath']}{_format.flax_suffix(layer)}",
         f"call: {call.get('index', 0) + 1} of {call.get('count', 1)}, captured {manifest['mode']}",
     ]
+    lines += _format.describe_backward(manifest)  # a gradient issue's cotangent and gradients
     if manifest["note"]:
         lines.append(f"note: {manifest['note']}")
     if manifest["modules"]:
@@ -407,6 +408,8 @@ _HTML_PARTS = (
     ("initial_var_values", "State before the call"),
     ("output", "Recorded output"),
     ("final_var_values", "State after the call"),
+    ("output_cotangent", "Cotangent at the output (backward pass)"),
+    ("gradients", "Gradients the layer produced"),
 )
 
 _HTML_STYLE = """
@@ -447,6 +450,7 @@ def render_html(loaded: Any, sha256: str = "") -> str:
             f"reprokit {manifest.get('reprokit_version', '?')}, {manifest.get('created', '?')}",
         ),
     ]
+    facts += [("backward pass", line) for line in _format.describe_backward(manifest)]
     if manifest["note"]:
         facts.append(("note", manifest["note"]))
     if sha256:

@@ -187,6 +187,10 @@ def one_line_summary(signature: dict) -> str:
         return "raises " + code_cell(f"{signature['type'].removeprefix('builtins.')}: {message}")
     if signature["kind"] == "nonfinite":
         return "returns " + _format.describe_signature(signature)
+    if signature["kind"] == "nonfinite_grad":
+        return "has a finite forward pass and a backward pass that makes NaN/Inf (" + ", ".join(
+            code_cell(leaf["path"]) for leaf in signature["leaves"][:4]
+        ) + ("..." if len(signature["leaves"]) > 4 else "") + ")"
     return "returns output values the reporter considers wrong (recorded in the archive)"
 
 
@@ -201,6 +205,7 @@ def render_issue(
         layer_name=manifest["layer"]["type"].split(".")[-1],
         summary=one_line_summary(manifest["signature"]),
         inputs=[code_cell(line) for line in input_descriptions(structure)],
+        backward=[code_cell(line) for line in _format.describe_backward(manifest)],
         environment=environment_rows(manifest["environment"]),
         archive_name=archive_name,
         archive_size=archive_size,
