@@ -961,10 +961,14 @@ def verify(archive, as_json, quiet, allow_modules, debug):
         from reprokit.archive._verify import verify_archive
         from reprokit.views._script import replay_script_line, replay_script_status
 
-        report = verify_archive(archive, trust=TrustPolicy(allow_modules), limits=_limits())
-        # Rendering the script needs jinja2, which the archive layer never imports.
-        opened = open_archive(archive, _limits())
+        trust = TrustPolicy(allow_modules)
+        # Opened once: the report and the replay.py check read the same archive.
+        opened = open_archive(
+            archive, _limits(), allow_modules=trust.modules, verify_members=True
+        )
         try:
+            report = verify_archive(opened)
+            # Rendering the script needs jinja2, which the archive layer never imports.
             script = replay_script_status(opened)
         finally:
             opened.close()
