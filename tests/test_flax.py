@@ -120,7 +120,12 @@ runpy.run_module("reprokit", run_name="__main__")
     assert f"flax=={flax.__version__}" in script.stderr
 
 
-def test_batchnorm_training_and_dropout_replay_bitwise_with_final_state(train_step):
+def test_batchnorm_training_and_dropout_replay_bitwise_with_final_state(train_step, tmp_path):
+    zipfile.ZipFile(train_step).extractall(tmp_path)
+    script = _replay_script(tmp_path, "--json", blocked=("reprokit",))
+    assert script.returncode == 0, script.stderr[-3000:]
+    assert all(leaf["bitwise_equal"] for leaf in json.loads(script.stdout)["state"])
+    assert "rng_names=frozenset({'dropout'})" in (tmp_path / "replay.py").read_text()
     code, verdict = run_json("run", train_step)
     assert code == 0, verdict
     assert verdict["output_bitwise_equal"] and verdict["state_bitwise_equal"]
@@ -139,9 +144,9 @@ def test_batchnorm_training_and_dropout_replay_bitwise_with_final_state(train_st
 def test_user_flax_module_replays_with_allow_module(tmp_path):
     model, argument = flax_models.scaled_call()
     path = tmp_path / "scaled.repro.zip"
-    with pytest.raises(reprokit.CaptureError):
-        reprokit.pack(pz.select(model), argument, out=tmp_path / "refused.repro.zip", check=False)
-    reprokit.pack(pz.select(model), argument, out=path, allow_modules=("flax_models",), check=False)
+    reprokit.pack(pz.select(model), argument, out=path, check=False)
+    with zipfile.ZipFile(path) as archive:
+        assert json.loads(archive.read("manifest.json"))["modules"] == ["flax_models"]
     refused = run_reprokit("run", path)
     assert refused.returncode == 3 and "--allow-module flax_models" in refused.stderr
     code, verdict = run_json("run", path, "--allow-module", "flax_models")
