@@ -45,6 +45,7 @@ from reprokit._errors import ReprokitError, UsageError
 from reprokit.capture._capture import capture_calls, selected_layer
 from reprokit.capture._find import FindResult, pack_found, search
 from reprokit.capture._options import PackOptions
+from reprokit.capture._pack import tell_user
 from reprokit.capture._probe import _array_leaves, _is_inexact, _received_leaves, _stack_axes
 from reprokit.capture._shipping import ship
 
@@ -174,7 +175,9 @@ class _Watch:
         max_archives: int,
         on_fault: str,
         options: PackOptions,
+        quiet: bool = False,
     ):
+        self.quiet = quiet
         self.keypath = keypath
         self.check = check
         self.out = out
@@ -319,12 +322,16 @@ class _Watch:
             "replayed_from": "the step's exact inputs and state"
             + (" (the step ran under jax.jit)" if mode == "jit" else ""),
         }
-        return pack_found(
+        packed = pack_found(
             result,
             out=self._path(),
             extra_found_by={"watch": watch_info},
             options=self.options,
         )
+        if not self.quiet:
+            step = "" if model_call is None else f" at model call {model_call}"
+            tell_user(f"reprokit.watch: wrote {packed.path}{step}\n{packed.summary()}")
+        return packed
 
     def _on_trip(
         self,
@@ -453,6 +460,7 @@ def watch(
     note: str = "",
     allow_modules: tuple[str, ...] | list[str] = (),
     self_check: bool = True,
+    quiet: bool = False,
 ) -> Watched:
     """Returns the model with a tripwire: the first call that misbehaves is packed on the spot.
 
@@ -478,6 +486,9 @@ def watch(
       note: free text recorded in every archive.
       allow_modules: your own modules holding classes or functions in the model.
       self_check: replay each archive in a fresh process before keeping it.
+      quiet: print nothing. Otherwise, in a terminal or a notebook, each
+        archive written is announced (its path, and the summary `reprokit
+        pack` prints; `.archives[i].summary()` keeps it).
 
     Returns:
       A `Watched` layer: call it like the model; `.archives` lists what was
@@ -522,5 +533,6 @@ def watch(
         max_archives=max_archives,
         on_fault=on_fault,
         options=PackOptions(note=note, allow_modules=tuple(allow_modules), check=self_check),
+        quiet=quiet,
     )
     return Watched(body=body, session=session)
