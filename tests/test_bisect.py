@@ -424,3 +424,7 @@ def test_offline_replays_only_cached_environments(clip_archive, index_available,
     assert {"0.9.2", "0.10.0", "0.10.2"} <= set(result.versions)
     assert result.first_bad == "0.10.0" and result.last_good == "0.9.2"
     assert result.latest is None  # offline: the index was not asked
+
+
+def test_requirements_add_flax_for_a_flax_record():
+    assert _environments.requirements("jax", "0.10.0", {"0.10.0"}, ("flax",))[-1] == "flax"

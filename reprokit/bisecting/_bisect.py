@@ -539,8 +539,17 @@ def row_from_verdict(version: str, installed: dict, verdict: dict, seconds: floa
 class _Replayer:
     """Replays the rendered script under one release of `package` per call."""
 
-    def __init__(self, workdir: str, builder: Any, package: str, jaxlib_versions, timeout: float):
+    def __init__(
+        self,
+        workdir: str,
+        builder: Any,
+        package: str,
+        jaxlib_versions,
+        timeout: float,
+        extra: tuple[str, ...] = (),
+    ):
         self.workdir = workdir
+        self.extra = extra
         self.builder = builder
         self.package = package
         self.jaxlib_versions = jaxlib_versions
@@ -564,7 +573,7 @@ class _Replayer:
 
         try:
             environment = self.builder.build(
-                requirements(self.package, version, self.jaxlib_versions),
+                requirements(self.package, version, self.jaxlib_versions, self.extra),
                 f"{self.package}-{version}",
             )
         except InstallFailed as failure:
@@ -650,6 +659,7 @@ def bisect(
     from reprokit._progress import progress
     from reprokit.archive._open import open_archive
     from reprokit.bisecting import _environments
+    from reprokit.views._script import needs_flax
 
     if package not in _environments.BISECTABLE:
         raise UsageError(
@@ -660,6 +670,7 @@ def bisect(
     opened = open_archive(path, limits, allow_modules=(), verify_members=True)
     try:
         script = render_script(opened.manifest, opened.structure)
+        extra = ("flax",) if needs_flax(opened.structure) else ()
         workdir = _workdir(opened, script, trust_code)
     finally:
         opened.close()
@@ -684,7 +695,7 @@ def bisect(
             versions = _default_range(opened.manifest, package, available)
         candidates = parse_versions(versions, available)
         latest = available[-1] if available and not offline else None
-        replayer = _Replayer(workdir, builder, package, jaxlib_versions, timeout)
+        replayer = _Replayer(workdir, builder, package, jaxlib_versions, timeout, extra)
         expected = (
             len(candidates)
             if exhaustive

@@ -269,16 +269,23 @@ def _public_url(url: str) -> str:
     return url
 
 
-def requirements(package: str, version: str, jaxlib_versions: set[str] | None = None) -> list[str]:
+def requirements(
+    package: str,
+    version: str,
+    jaxlib_versions: set[str] | None = None,
+    extra: tuple[str, ...] = (),
+) -> list[str]:
     """What to install to replay under `package==version`: that pin, the rest newest compatible.
 
     For jax, `jaxlib` of the same number is pinned when it exists (some jax
     releases have none: the resolver then picks the newest jaxlib that jax
     release accepts), and jax releases built before NumPy 2 get `numpy<2`.
+    `extra` packages (flax, for a record made through penzai's Flax bridge)
+    resolve to the newest compatible versions too.
     """
     if package not in BISECTABLE:
         raise UsageError(f"--package must be one of {', '.join(BISECTABLE)}, not {package!r}")
-    wanted = {name: name for name in INSTALLED_SET}
+    wanted = {name: name for name in (*INSTALLED_SET, *extra)}
     wanted[package] = f"{package}=={version}"
     if package == "jax":
         if jaxlib_versions is not None and version in jaxlib_versions:
@@ -503,7 +510,8 @@ class Builder:
         for line in resolved:
             name, _, version = line.partition("==")
             pins[_canonical(name.split("[")[0].strip())] = version.split(";")[0].strip()
-        return {name: pins[_canonical(name)] for name in INSTALLED_SET if _canonical(name) in pins}
+        shown = (*INSTALLED_SET, "flax")
+        return {name: pins[_canonical(name)] for name in shown if _canonical(name) in pins}
 
     @staticmethod
     def _read(folder: Path) -> dict[str, str] | None:
