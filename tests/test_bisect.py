@@ -428,3 +428,18 @@ def test_offline_replays_only_cached_environments(clip_archive, index_available,
 
 def test_requirements_add_flax_for_a_flax_record():
     assert _environments.requirements("jax", "0.10.0", {"0.10.0"}, ("flax",))[-1] == "flax"
+
+
+def test_recorded_xla_flags_that_bisect_does_not_set_are_noted():
+    rows = (BisectRow("0.1.0", REPRODUCED),)
+    summary = conclude("jax", ["0.1.0"], rows)
+    result = _bisect.BisectResult(
+        "a.repro.zip",
+        "jax",
+        ("0.1.0",),
+        rows,
+        False,
+        unset_xla_flags=("--xla_cpu_fast_math=true",),
+        **summary,
+    )
+    assert any("--xla_cpu_fast_math=true" in note for note in result.notes)

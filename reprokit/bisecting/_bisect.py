@@ -103,6 +103,9 @@ class BisectResult:
     last_bad: str | None = None
     first_good: str | None = None
     latest: str | None = None  # the newest release on the index, when it was listed
+    # Recorded XLA flags: `run` sets those its jaxlib knows; bisect sets none
+    # (an unknown flag aborts an older XLA), so it says so.
+    unset_xla_flags: tuple[str, ...] = ()
 
     @property
     def exit_code(self) -> int:
@@ -120,6 +123,11 @@ class BisectResult:
             notes.append(
                 f"on {', '.join(other)} the layer raised an error other than the recorded one: "
                 "'not reproduced' there means the recorded issue did not occur, not that the layer works"
+            )
+        if self.unset_xla_flags:
+            notes.append(
+                "the archive records XLA flags that these replays did not set: "
+                + one_line(" ".join(self.unset_xla_flags), 160)
             )
         skipped = [row.version for row in self.rows if not row.counted]
         if skipped and any(row.counted for row in self.rows):
@@ -714,6 +722,11 @@ def bisect(
         rows=tuple(rows),
         exhaustive=exhaustive,
         latest=latest,
+        unset_xla_flags=tuple(
+            flag
+            for flag in opened.manifest["environment"].get("xla_flags", [])
+            if isinstance(flag, str)
+        ),
         **summary,
     )
 
