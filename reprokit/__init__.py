@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from reprokit.capture._find import FindResult, find, search
     from reprokit.capture._pack import PackResult, pack
     from reprokit.capture._watch import FaultDetected, Watched, watch
+    from reprokit.capture._watch_training import TrainingWatch, watch_training
     from reprokit.replaying._replay import LoadedArchive, Verdict, load, replay
 
 _LAZY = {
@@ -44,6 +45,8 @@ _LAZY = {
     "watch": "reprokit.capture._watch",
     "Watched": "reprokit.capture._watch",
     "FaultDetected": "reprokit.capture._watch",
+    "watch_training": "reprokit.capture._watch_training",
+    "TrainingWatch": "reprokit.capture._watch_training",
     "pack": "reprokit.capture._pack",
     "PackResult": "reprokit.capture._pack",
     "load": "reprokit.replaying._replay",
@@ -64,6 +67,7 @@ __all__ = [
     "RefusedTypeError",
     "ReplayError",
     "ReprokitError",
+    "TrainingWatch",
     "UsageError",
     "Verdict",
     "Watched",
@@ -74,6 +78,7 @@ __all__ = [
     "replay",
     "search",
     "watch",
+    "watch_training",
 ]
 
 

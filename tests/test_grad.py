@@ -219,3 +219,66 @@ def test_replay_script_runs_without_reprokit_in_a_subprocess_python(tmp_path):
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert "No module named 'reprokit'" in result.stderr
+
+
+# ------------------------------------------------------------------ training loops
+
+
+def test_watch_training_packs_the_first_step_with_nan_gradients(tmp_path):
+    import jax
+    import optax
+
+    unbound, params = pz.unbind_params(grad_layers.sqrt_model(), freeze=True)
+    optimizer = optax.sgd(1e-2)
+    opt_state = optimizer.init(params)
+
+    @jax.jit
+    def train_step(params, opt_state, batch):
+        def objective(params):
+            return grad_layers.squared_loss(pz.bind_variables(unbound, params)(batch))
+
+        loss, grads = jax.value_and_grad(objective)(params)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss, grads
+
+    guard = reprokit.watch_training(
+        unbound,
+        inputs=lambda batch: batch,
+        loss=lambda output, batch: grad_layers.squared_loss(output),
+        out=tmp_path / "train.repro.zip",
+    )
+    batches = [grad_layers.rows(zero_row=False)] * 2 + [grad_layers.rows()] * 2
+    seen = []
+    for batch in batches:
+        new_params, opt_state, _, grads = train_step(params, opt_state, batch)
+        if not guard.check(grads, params=params, batch=batch):
+            break
+        seen.append(bool(jnp.all(jnp.isfinite(new_params[0].value.unwrap("features", "hidden")))))
+        params = new_params
+    assert seen == [True, True] and guard.steps == 3
+    (fault,) = guard.faults
+    assert fault["step"] == 2 and fault["keypath"] == "Sequential.sublayers[2]"
+    assert "<== CULPRIT" in fault["report"]
+    assert guard.archives[0].signature["kind"] == "nonfinite_grad"
+    code, verdict = run_json("run", tmp_path / "train.repro.zip")
+    assert code == 0 and verdict["reproduced"] is True
+
+
+def test_grad_nan_example_trains_finds_packs_and_replays(tmp_path):
+    from conftest import REPO, subprocess_env
+
+    done = subprocess.run(
+        [sys.executable, str(REPO / "examples" / "grad_nan.py"), "--out", "ex.repro.zip"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=subprocess_env(),
+        timeout=300,
+        stdin=subprocess.DEVNULL,
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "step 2: non-finite gradients" in done.stdout
+    assert "<== CULPRIT" in done.stdout and "REPRODUCED: gradient issue" in done.stdout
+    code, verdict = run_json("run", tmp_path / "ex.repro.zip", cwd=tmp_path)
+    assert code == 0 and verdict["reproduced"] is True
+    assert verdict["layer"]["keypath"].endswith("BranchAndAddTogether.branches[1]/Sequential.sublayers[2]")
