@@ -55,7 +55,7 @@ def _reported_errors(debug: bool, unexpected_exit: int) -> Iterator[None]:
     except ReprokitError as error:
         if debug:
             traceback.print_exc()
-        click.echo(f"reprokit: error: {error}", err=True)
+        click.echo(f"reprokit: error: {one_line(str(error))}", err=True)
         _echo_error_json(str(error), error.exit_code)
         sys.exit(error.exit_code)
     except (KeyboardInterrupt, SystemExit, click.exceptions.Exit):
@@ -64,9 +64,24 @@ def _reported_errors(debug: bool, unexpected_exit: int) -> Iterator[None]:
         if debug:
             traceback.print_exc()
         message = " ".join(f"{type(error).__name__}: {error}".split())[:500]
-        click.echo(f"reprokit: error: {message} (rerun with --debug for the traceback)", err=True)
+        click.echo(
+            f"reprokit: error: {one_line(message)} (rerun with --debug for the traceback)", err=True
+        )
         _echo_error_json(message, unexpected_exit)
         sys.exit(unexpected_exit)
+
+
+def _echo_text(text: str, **options: object) -> None:
+    """Print text that holds archive strings: controls, bidi and invisible characters escaped."""
+    from reprokit.archive._format import terminal_safe
+
+    click.echo(terminal_safe(text), **options)
+
+
+def one_line(text: str) -> str:
+    from reprokit.archive._format import one_line as escape
+
+    return escape(text)
 
 
 def _echo_error_json(message: str, exit_code: int) -> None:
@@ -648,13 +663,15 @@ def run(
             )
             _echo_measured_json(payload)
         elif not quiet:
-            click.echo(verdict.format())
+            # The replayed layer's exception messages and the archive's strings
+            # reach the terminal escaped (SECURITY.md, class 7).
+            _echo_text(verdict.format())
             if "repeat" in extras:
-                click.echo(_format_repeat(extras["repeat"]))
+                _echo_text(_format_repeat(extras["repeat"]))
             if "reference" in extras:
-                click.echo(_variants.format_reference(extras["reference"]))
+                _echo_text(_variants.format_reference(extras["reference"]))
             if "sweep" in extras:
-                click.echo(_variants.format_sweep(extras["sweep"]))
+                _echo_text(_variants.format_sweep(extras["sweep"]))
         if expect == "fixed" and not (as_json or quiet):
             click.echo(
                 "expect fixed: FAILED, the recorded issue still reproduces"
@@ -834,7 +851,7 @@ def inspect(
             }
             click.echo(json.dumps(payload, indent=1))
         elif not quiet:
-            click.echo(describe_archive(opened.manifest, opened.structure, sha256, statistics))
+            _echo_text(describe_archive(opened.manifest, opened.structure, sha256, statistics))
             if replay_script_line(script):
                 click.echo(replay_script_line(script))
 
@@ -899,7 +916,7 @@ def env(diff_archive, as_json, quiet, debug):
             click.echo(json.dumps({"archive": diff_archive, "differences": rows}, indent=1))
         elif not quiet:
             click.echo(f"environment recorded in {diff_archive} vs here:")
-            click.echo(format_environment_table(diffs))
+            _echo_text(format_environment_table(diffs))
 
 
 # ------------------------------------------------------------------ issue
@@ -927,7 +944,7 @@ def issue(archive, as_json, quiet, debug):
         if as_json:
             click.echo(json.dumps(info, indent=1))
         elif not quiet:
-            click.echo(info["markdown"], nl=False)
+            _echo_text(info["markdown"], nl=False)
             if info["too_large"]:
                 click.echo(
                     "reprokit: warning: the archive is over GitHub's 25 MB attachment limit; "
@@ -975,7 +992,7 @@ def verify(archive, as_json, quiet, allow_modules, debug):
         if as_json:
             click.echo(json.dumps({**report.as_dict(), "replay_script": script}, indent=1))
         elif not quiet:
-            click.echo(report.format())
+            _echo_text(report.format())
             if replay_script_line(script):
                 click.echo(replay_script_line(script))
 

@@ -99,12 +99,15 @@ def check_manifest(manifest: Any) -> dict:
     if "flax_path" in manifest["layer"]:
         # Printed beside the keypath everywhere (replay.py's comments too).
         _expect(manifest["layer"], "flax_path", str, FLAX_PATH.fullmatch)
+    _check_identifier(manifest["layer"]["type"], "layer type", dotted=True)
+    _check_identifier(manifest["layer"]["keypath"], "layer keypath", dotted=False)
     _expect(manifest, "call", dict)
     _expect(manifest, "signature", dict, lambda v: v.get("kind") in SIGNATURE_KINDS)
     sig = manifest["signature"]
     if sig["kind"] == "exception":
         _expect(sig, "type", str)
         _expect(sig, "message", str)
+        _check_identifier(sig["type"], "exception type", dotted=True)
     if sig["kind"] in ("nonfinite", "nonfinite_grad"):
         _expect(
             sig,
@@ -228,6 +231,56 @@ def check_requirements(text: str) -> None:
             )
 
 
+# Characters that act on a terminal or reorder what it shows: C0/C1 controls
+# (newline and tab aside), DEL, bidi controls, zero-width characters and line
+# separators. Everything reprokit prints from an archive passes through
+# `terminal_safe` or `one_line` (SECURITY.md, class 7).
+_UNSAFE_IN_TERMINAL = re.compile(
+    "[\\x00-\\x08\\x0b-\\x1f\\x7f-\\x9f\\u061c\\u200b-\\u200f\\u2028-\\u202e\\u2060-\\u2069\\ufeff]"
+)
+
+
+def _escaped(match: re.Match) -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def terminal_safe(text: str) -> str:
+    """`text` with every control, bidi and invisible character written as an escape; lines kept."""
+    return _UNSAFE_IN_TERMINAL.sub(_escaped, text)
+
+
+def one_line(text: str) -> str:
+    """`text` as one printable line: `terminal_safe`, and newlines and tabs escaped too."""
+    return terminal_safe(str(text)).replace("\n", "\\n").replace("\t", "\\t")
+
+
+def markdown_fence(text: str) -> str:
+    """A backtick fence longer than any backtick run in `text`, so `text` cannot close it."""
+    longest = max((len(run) for run in re.findall("`+", text)), default=0)
+    return "`" * max(3, longest + 1)
+
+
+# Identifiers a manifest names and every view prints, often inside `code`
+# spans or table cells: a dotted Python name, and a keypath of printable
+# characters without backticks or table bars (no line breaks, no escapes).
+_DOTTED_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(?:\.(?:<locals>|[A-Za-z_][A-Za-z0-9_]*))*")
+_MAX_IDENTIFIER = 1000
+
+
+def _check_identifier(value: str, what: str, *, dotted: bool) -> None:
+    if dotted:
+        ok = len(value) <= _MAX_IDENTIFIER and _DOTTED_NAME.fullmatch(value) is not None
+    else:
+        ok = (
+            len(value) <= _MAX_IDENTIFIER
+            and value.isprintable()
+            and not any(char in value for char in "`|\u2028\u2029")
+        )
+    if not ok:
+        raise ArchiveError(f"manifest.json has a malformed {what}: {brief_text(value)}")
+
+
 def brief_text(text: str, limit: int = 60) -> str:
     """`text` quoted for a one-line message: escaped, and cut to `limit` characters."""
     shown = repr(text[:limit])
@@ -307,6 +360,7 @@ def _check_details(manifest: dict) -> None:
     sig = manifest["signature"]
     if sig["kind"] in ("nonfinite", "nonfinite_grad"):
         for leaf in sig["leaves"]:
+            _check_identifier(leaf["path"], "leaf path", dotted=False)
             for key in ("nan", "posinf", "neginf"):
                 if key in leaf:
                     _expect(leaf, key, int)
@@ -351,7 +405,7 @@ def _expect(obj: dict, key: str, kind: type, check=lambda v: True) -> None:
 def describe_signature(sig: dict) -> str:
     """One line for the recorded issue."""
     if sig["kind"] == "exception":
-        return f"raises {sig['type']}: {sig['message']}"
+        return f"raises {sig['type']}: {one_line(sig['message'])}"
     if sig["kind"] == "nonfinite":
         parts = []
         for leaf in sig["leaves"]:

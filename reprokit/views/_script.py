@@ -61,6 +61,8 @@ def _environment():
         "# " + line for line in str(text).splitlines() or [""]
     )
     env.filters["human_bytes"] = _format.human_bytes
+    # Archive text inside a Markdown fence it cannot close (SECURITY.md, class 7).
+    env.filters["markdown_fence"] = _format.markdown_fence
     env.filters["describe_signature"] = _format.describe_signature
     return env
 

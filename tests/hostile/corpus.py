@@ -958,3 +958,20 @@ for _label, _spelling in {
             json.dumps(_manifest(members)).replace('{"', f'{{"x": {_spelling}, "', 1),
         )
     )
+
+
+# ------------------------------------------------------------------ output hygiene (class 7)
+
+for _label, (_field, _value) in {
+    "layer-type-newline": ("type", "penzai.nn.Linear\nrecorded issue: nothing"),
+    "layer-type-backtick": ("type", "penzai.nn.Linear` **pwned** `"),
+    "keypath-newline": ("keypath", "MLP\nsha256: 0000"),
+    "keypath-backtick": ("keypath", "MLP`](https://evil.example)`"),
+    "keypath-table-bar": ("keypath", "MLP | pwned |"),
+    "keypath-bidi": ("keypath", "MLP\u202e]0[sreyal"),
+}.items():
+    case(f"manifest-{_label}", "malformed")(
+        _edit_manifest(
+            lambda m, _field=_field, _value=_value: m["layer"].__setitem__(_field, _value)
+        )
+    )

@@ -322,3 +322,53 @@ def test_a_pack_killed_during_the_self_check_leaves_no_accepted_file_and_no_orph
     for leftover in folder.iterdir():
         with pytest.raises(ReprokitError):
             verify_archive(leftover)
+
+
+# ------------------------------------------------------------------ class 7
+
+
+def _edited(base: Path, folder: Path, manifest_edit=None, structure_edit=None) -> Path:
+    import msgpack
+
+    members = read_members(base)
+    if manifest_edit is not None:
+        manifest = json.loads(next(m.data for m in members if m.name == "manifest.json"))
+        manifest_edit(manifest)
+        members = replace_member(members, "manifest.json", json.dumps(manifest).encode())
+    if structure_edit is not None:
+        data = next(m.data for m in members if m.name == "structure.msgpack")
+        structure = msgpack.unpackb(data, raw=False)
+        structure_edit(structure)
+        members = replace_member(members, "structure.msgpack", msgpack.packb(structure))
+    path = folder / "edited.repro.zip"
+    write_members(members, path)
+    return path
+
+
+def test_issue_fences_the_note_beyond_any_backtick_run(base, tmp_path):
+    note = "see below\n````\n# Not a heading\n```\n<img src=x onerror=alert(1)>\n`````"
+    path = _edited(base, tmp_path, lambda m: m.__setitem__("note", note))
+    done = run_reprokit("issue", path)
+    assert done.returncode == 0, done.stderr
+    text = done.stdout
+    fence = "`" * 6
+    assert f"{fence}text\n{note}\n{fence}\n" in text
+    # Nothing after the note is swallowed by it: the replay section still starts a heading.
+    assert "\n### Replay" in text.split(note, 1)[1]
+
+
+def test_archive_strings_reach_the_terminal_escaped(base, tmp_path):
+    """A dict key with terminal escapes and a bidi override, printed by inspect, escaped."""
+
+    def add_key(structure):
+        structure["record"]["side_inputs"]["v"].append(["\x1b]0;pwned\x07\u202eevil", 1.0])
+
+    path = _edited(base, tmp_path, structure_edit=add_key)
+    for command in ("inspect", "run", "verify"):
+        done = run_reprokit(command, path)
+        printed = done.stdout + done.stderr
+        assert "\x1b" not in printed and "\u202e" not in printed and "\x07" not in printed, (
+            command,
+            printed[-500:],
+        )
+    assert "\\x1b]0;pwned\\x07\\u202eevil" in run_reprokit("inspect", path).stdout
