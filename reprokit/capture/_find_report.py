@@ -24,6 +24,7 @@ from reprokit.capture._culprit import (
 )
 from reprokit.capture._probe import _Call, _Session
 from reprokit.environment._scrub import scrub_text
+from reprokit.portable._verdict import ERROR_METRIC
 from reprokit.record import _flax
 
 # Above this many layers the report folds subtrees away from the culprit.
@@ -47,7 +48,7 @@ def _status_text(summary: dict | None, check: str) -> str:
     if check != "mismatch":
         return _counts_text(summary)
     error = summary.get("error")
-    text = "err ?" if error is None else f"err {error:.1e}"
+    text = "rel err ?" if error is None else f"rel err {error:.1e}"
     return text if not _bad(summary) else f"{text}, {_counts_text(summary)}"
 
 
@@ -94,6 +95,10 @@ def _render(
                 out_text = "did not return"
             else:
                 out_text = _status_text(call.returned, session.check)
+                if session.check == "mismatch":
+                    # The limit this layer is held to (it depends on its dtype).
+                    limit, dtype = _tolerance(call, tolerance), _tolerance_dtype(call)
+                    out_text += f" (tol {limit:.1e}" + (f" {dtype})" if dtype else ")")
             marks = [f"call {call.index + 1} of {len(calls)}"] if len(calls) > 1 else []
         if culprit is not None and s.index == culprit.site:
             marks.append("<== CULPRIT")
@@ -159,7 +164,16 @@ def _header(
         lines.append(f"  returned: {_status_text(call.returned, check)}")
         lines.extend(_nan_story(session, culprit))
         if check == "mismatch":
-            lines.append(f"  tolerance: {found_by['tolerance']:.1e} (max error / max |reference|)")
+            error = found_by.get("error") or {}
+            if error.get("abs") is not None:
+                lines.append(
+                    f"  error: abs {error['abs']:.2e}, rel {error['rel']:.2e} "
+                    "(abs = max|x - ref|, rel = abs / max|ref|, worst leaf)"
+                )
+            lines.append(
+                f"  tolerance: rel {found_by['tolerance']:.2e}, applied to this layer "
+                f"({found_by.get('tolerance_rule', 'given')})"
+            )
     for param in found_by.get("nonfinite_parameters", []):
         lines.append(f"  non-finite parameter: {param['label']} ({_counts_text(param)})")
     inner = found_by.get("sublayer_calls")
@@ -205,6 +219,12 @@ def _nan_story(session: _Session, culprit: _Culprit) -> list[str]:
     return lines
 
 
+def _tolerance_dtype(call: _Call) -> str | None:
+    """The dtype the default tolerance of a call was derived from (its largest eps)."""
+    sides = [s for s in (call.received, call.returned) if s and s.get("dtype")]
+    return max(sides, key=lambda s: s.get("eps", 0.0))["dtype"] if sides else None
+
+
 def _jsonable(summary: dict) -> dict:
     # JSON has no inf/nan; manifests stay standard JSON.
     return {
@@ -240,6 +260,15 @@ def _found_by(session, culprit, check, mode, passes, reference_name, tolerance) 
     if check == "mismatch":
         found_by["reference"] = reference_name
         found_by["tolerance"] = _tolerance(culprit.call, tolerance)
+        found_by["tolerance_dtype"] = _tolerance_dtype(culprit.call)
+        found_by["tolerance_rule"] = (
+            "given"
+            if tolerance is not None
+            else f"{found_by['tolerance_dtype']}: max(1e-3, 16 eps)"
+        )
+        found_by["error_metric"] = ERROR_METRIC
+        returned = culprit.call.returned or {}
+        found_by["error"] = {"abs": returned.get("abs_error"), "rel": returned.get("error")}
     if check in ("nonfinite", "inf"):
         found_by["nonfinite_parameters"] = _nonfinite_parameters(site, block)
         found_by["rule"] = culprit.rule

@@ -128,20 +128,34 @@ def _device_counts(leaves: list) -> jax.Array:
 
 def _leaf_error(main: np.ndarray, reference: np.ndarray) -> float:
     """Max |main - reference| over max |reference|; inf where only one side is non-finite."""
+    return _leaf_errors(main, reference)[1]
+
+
+def _leaf_errors(main: np.ndarray, reference: np.ndarray) -> tuple[float, float]:
+    """reprokit's one error metric (as `portable._verdict`): (abs, rel) with abs = max |main -
+    reference| and rel = abs / max |reference|; inf where only one side is non-finite."""
     if main.shape != reference.shape:
-        return float("inf")
+        return float("inf"), float("inf")
     wide = np.complex128 if np.iscomplexobj(main) or np.iscomplexobj(reference) else np.float64
     a, r = main.astype(wide), reference.astype(wide)
     finite_a, finite_r = np.isfinite(a), np.isfinite(r)
     same = (a == r) | (np.isnan(a) & np.isnan(r))
     if np.any((~finite_a | ~finite_r) & ~same):
-        return float("inf")
+        return float("inf"), float("inf")
     both = finite_a & finite_r
     if not np.any(both):
-        return 0.0
+        return 0.0, 0.0
     scale = float(np.max(np.abs(r[both])))
     diff = float(np.max(np.abs(a[both] - r[both])))
-    return diff / max(scale, np.finfo(np.float64).tiny)
+    return diff, diff / max(scale, np.finfo(np.float64).tiny)
+
+
+def _narrowest_dtype(arrays: list) -> str | None:
+    """The name of the float dtype with the largest eps among `arrays` (None: no float)."""
+    floats = [
+        a.dtype for a in arrays if a.dtype.kind == "f" or a.dtype.name.startswith(("bfloat", "float8"))
+    ]
+    return max(floats, key=lambda d: float(ml_dtypes.finfo(d).eps)).name if floats else None
 
 
 def _narrowest_eps(arrays: list) -> float:
@@ -263,13 +277,15 @@ class _Session:
             self.stored[key] = host
         if self.reference is not None:
             summary["eps"] = _narrowest_eps(host)
+            summary["dtype"] = _narrowest_dtype(host)
             reference = self.reference.get(key)
             if reference is None or len(reference) != len(host):
-                summary["error"] = None
+                summary["error"] = summary["abs_error"] = None
             else:
-                summary["error"] = max(
-                    (_leaf_error(a, r) for a, r in zip(host, reference, strict=True)), default=0.0
-                )
+                errors = [_leaf_errors(a, r) for a, r in zip(host, reference, strict=True)]
+                # A call's error is its worst leaf's, in both parts.
+                summary["abs_error"] = max((e[0] for e in errors), default=0.0)
+                summary["error"] = max((e[1] for e in errors), default=0.0)
         return summary
 
 

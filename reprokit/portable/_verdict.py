@@ -24,6 +24,12 @@ import numpy as np
 # Equal to `reprokit.archive._format.SIGNATURE_KINDS` (the manifest schema); a
 # copy because replay.py embeds this file without reprokit. A test checks.
 SIGNATURE_KINDS = ("exception", "nonfinite", "output", "nonfinite_grad")
+# reprokit's one error metric, in find, run, --reference, --sweep and every
+# verdict: per leaf, abs = max |x - ref| and rel = abs / max |ref| (normwise,
+# so values near zero do not blow it up); inf where only one side is
+# non-finite. A tolerance is on rel. (`max_rel_error` in the JSON rows is the
+# element-wise maximum, kept for scripts that read it; nothing decides on it.)
+ERROR_METRIC = "abs = max|x - ref|; rel = abs / max|ref| (per leaf)"
 _ADDRESS = re.compile(r"0x[0-9a-fA-F]{6,16}")
 _PATH = re.compile(r"(?:<\w+>|~)?(?:/[^\s'\":,)]+)+")
 _CONTROLS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
@@ -149,7 +155,11 @@ def compare_leaves(recorded: list, replayed: list) -> list[dict]:
 
 def _errors(want: np.ndarray, got: np.ndarray) -> dict:
     if want.dtype.kind == "b":
-        return {"max_abs_error": float(np.sum(want != got)), "max_rel_error": None}
+        return {
+            "max_abs_error": float(np.sum(want != got)),
+            "max_rel_error": None,
+            "rel_error": None,
+        }
     wide = np.complex128 if want.dtype.kind == "c" else np.float64
     a, b = want.astype(wide), got.astype(wide)
     same_nonfinite = (np.isnan(a) & np.isnan(b)) | (a == b)
@@ -161,8 +171,10 @@ def _errors(want: np.ndarray, got: np.ndarray) -> dict:
         rel = np.where(same_nonfinite, 0.0, diff / np.abs(a))
     rel = np.where(np.isnan(rel), np.inf, rel)
     scale = float(np.max(np.abs(np.where(np.isfinite(a), a, 0)), initial=0.0))
+    abs_error = float(np.max(diff, initial=0.0))
     return {
-        "max_abs_error": float(np.max(diff, initial=0.0)),
+        "max_abs_error": abs_error,
+        "rel_error": abs_error / max(scale, float(np.finfo(np.float64).tiny)),
         "max_rel_error": float(np.max(rel, initial=0.0)),
         "scale": scale,
     }
@@ -195,7 +207,7 @@ def _normalize_message(message: str) -> str:
 
 def judge(signature: dict, recorded: dict, replayed: dict) -> dict:
     """Compares a replayed outcome with the recorded one and decides if the issue reproduced."""
-    verdict: dict[str, Any] = {"signature": signature}
+    verdict: dict[str, Any] = {"signature": signature, "error_metric": ERROR_METRIC}
     exception = replayed.get("exception")
     verdict["replayed_exception"] = exception
     verdict["output"] = compare_leaves(recorded.get("output") or [], replayed.get("output") or [])
@@ -248,6 +260,9 @@ def judge(signature: dict, recorded: dict, replayed: dict) -> dict:
             + ", ".join(missing)
         )
     else:
+        for row in verdict["output"]:
+            if row.get("dtype") is not None:
+                row["tolerance"] = _tolerance(row, signature)
         off = [row for row in verdict["output"] if not _within_tolerance(row, signature)]
         reproduced = not off
         reason = (
@@ -263,15 +278,20 @@ def judge(signature: dict, recorded: dict, replayed: dict) -> dict:
     return verdict
 
 
+def _tolerance(row: dict, signature: dict) -> dict:
+    """The tolerance applied to one leaf: on rel, with the dtype it was derived from."""
+    rtol = signature.get("rtol")
+    if rtol is not None:
+        return {"rel": float(rtol), "dtype": row["dtype"], "source": "recorded rtol"}
+    return {"rel": default_tolerance(row["dtype"]), "dtype": row["dtype"], "source": "4 eps"}
+
+
 def _within_tolerance(row: dict, signature: dict) -> bool:
     if row["bitwise_equal"]:
         return True
-    if row["status"] != "differs" or row.get("max_rel_error") is None:
+    if row["status"] != "differs" or row.get("rel_error") is None:
         return False
-    rtol = signature.get("rtol")
-    if rtol is None:
-        rtol = default_tolerance(row["dtype"])
-    return row["max_abs_error"] <= rtol * max(row["scale"], np.finfo(np.float64).tiny)
+    return row["rel_error"] <= _tolerance(row, signature)["rel"]
 
 
 def _describe_rows(title: str, rows: list[dict]) -> list[str]:
@@ -285,11 +305,15 @@ def _describe_rows(title: str, rows: list[dict]) -> list[str]:
         if row["bitwise_equal"]:
             lines.append(f"  {path}: bitwise equal")
         elif row["status"] == "differs":
-            rel = row.get("max_rel_error")
+            rel = row.get("rel_error")
             rel_text = "n/a" if rel is None else f"{rel:.3g}"
-            lines.append(
-                f"  {path}: max abs error {row['max_abs_error']:.3g}, max rel error {rel_text}"
+            tolerance = row.get("tolerance")
+            limit = (
+                f" (tolerance rel {tolerance['rel']:.3g}, {tolerance['dtype']} {tolerance['source']})"
+                if tolerance
+                else ""
             )
+            lines.append(f"  {path}: error abs {row['max_abs_error']:.3g}, rel {rel_text}{limit}")
         else:
             lines.append(f"  {path}: {row['status']}")
     return lines

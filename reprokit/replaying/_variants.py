@@ -53,6 +53,8 @@ class VariantRow:
     output_bitwise_equal: bool | None = None
     max_abs_error: float | None = None
     max_rel_error: float | None = None
+    # reprokit's error metric (portable._verdict.ERROR_METRIC): abs above, rel here.
+    rel_error: float | None = None
     note: str = ""
     started: float = 0.0
     elapsed_s: float = 0.0
@@ -73,6 +75,7 @@ def _judge_row(
         output_bitwise_equal=bool(verdict["output_bitwise_equal"]) if recorded["output"] else None,
         max_abs_error=max((r["max_abs_error"] for r in rows), default=None),
         max_rel_error=max((r["max_rel_error"] or 0.0 for r in rows), default=None),
+        rel_error=max((r["rel_error"] or 0.0 for r in rows), default=None),
         note=note or ("" if verdict["reproduced"] else verdict["reason"]),
         started=started,
         elapsed_s=time.perf_counter() - started,
@@ -321,7 +324,7 @@ def format_sweep(rows: list[VariantRow]) -> str:
         if row.output_bitwise_equal:
             distance = "bitwise equal"
         elif row.max_abs_error is not None:
-            distance = f"max abs {row.max_abs_error:.3g}, max rel {row.max_rel_error or 0:.3g}"
+            distance = f"error abs {row.max_abs_error:.3g}, rel {row.rel_error or 0:.3g}"
         else:
             distance = row.note or "-"
         table.append((row.condition, "yes", "yes" if row.reproduced else "NO", distance))
@@ -403,7 +406,7 @@ def reference(
     The float64 reference runs in a worker process that reopens `path` under
     `trust` and `limits`.
     """
-    from reprokit.portable._verdict import compare_leaves
+    from reprokit.portable._verdict import ERROR_METRIC, compare_leaves
     from reprokit.replaying._replay import recorded_outcome, replayed_outcome
 
     if kind not in REFERENCES:
@@ -441,12 +444,22 @@ def reference(
                 "path": rec["path"],
                 "recorded_max_abs_error": rec_err,
                 "recorded_max_rel_error": 0.0 if rec["bitwise_equal"] else rec.get("max_rel_error"),
+                "recorded_rel_error": _rel(rec),
                 "replayed_max_abs_error": rep_err,
                 "replayed_max_rel_error": 0.0 if rep["bitwise_equal"] else rep.get("max_rel_error"),
+                "replayed_rel_error": _rel(rep),
                 "closer": closer,
             }
         )
-    return {"reference": kind, "leaves": leaves}
+    return {"reference": kind, "error_metric": ERROR_METRIC, "leaves": leaves}
+
+
+def _rel(row: dict) -> float:
+    """The metric's rel part of a leaf compared with the reference (inf: not comparable)."""
+    if row["bitwise_equal"]:
+        return 0.0
+    rel = row.get("rel_error")
+    return float("inf") if rel is None else rel
 
 
 def _compared(outcome: dict) -> list:
@@ -488,13 +501,13 @@ def format_reference(report: dict) -> str:
     """The reference comparison as an aligned table."""
     lines = [
         f"reference: {report['reference']}",
-        "leaf  recorded err (abs/rel)  replayed err (abs/rel)  closer",
+        f"error: {report.get('error_metric', 'abs / rel')}",
+        "leaf  recorded error (abs/rel)  replayed error (abs/rel)  closer",
     ]
     for leaf in report["leaves"]:
-        lines.append(
-            f"{leaf['path']}  {leaf['recorded_max_abs_error']:.3g}/{leaf['recorded_max_rel_error'] or 0:.3g}"
-            f"  {leaf['replayed_max_abs_error']:.3g}/{leaf['replayed_max_rel_error'] or 0:.3g}  {leaf['closer']}"
-        )
+        recorded = f"{leaf['recorded_max_abs_error']:.3g}/{leaf.get('recorded_rel_error', 0):.3g}"
+        replayed = f"{leaf['replayed_max_abs_error']:.3g}/{leaf.get('replayed_rel_error', 0):.3g}"
+        lines.append(f"{leaf['path']}  {recorded}  {replayed}  {leaf['closer']}")
     return "\n".join(lines)
 
 
