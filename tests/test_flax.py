@@ -272,3 +272,19 @@ def test_flax_layernorm_example_finds_packs_and_replays(tmp_path):
         "run", tmp_path / "flax-layernorm.repro.zip", "--reference", "float64", cwd=tmp_path
     )
     assert code == 0 and verdict["reference"]["leaves"][0]["recorded_max_rel_error"] > 0.01
+
+
+def test_without_flax_penzai_models_pack_and_replay_as_before(tmp_path):
+    out = tmp_path / "mlp.repro.zip"
+    code = _blocked("flax") + f"""
+import jax, reprokit
+from penzai import pz
+from penzai.models import simple_mlp
+mlp = simple_mlp.MLP.from_config(name="m", init_base_rng=jax.random.key(0), feature_sizes=[3, 4])
+x = pz.nx.wrap(jax.numpy.ones((2, 3)), "batch", "features")
+reprokit.pack(pz.select(mlp), x, out={str(out)!r}, check=False, quiet=True)
+print(reprokit.replay({str(out)!r}).reproduced, "flax" in sys.modules)
+"""
+    result = run_python(code)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["True", "False"]
