@@ -68,6 +68,8 @@ class PackResult:
     filled_arrays: int = 0
     # The reporter's own modules a maintainer must install and allow (not bundled).
     user_modules: tuple[str, ...] = ()
+    # The Flax module path (`Encoder/LayerNorm_0`) of a layer from penzai's unflaxify.
+    flax_path: str | None = None
 
     def summary(self) -> str:
         """A few lines for the terminal: what was packed and how to replay it."""
@@ -75,7 +77,9 @@ class PackResult:
         name = os.path.basename(self.path)
         return "\n".join(
             [
-                f"packed {self.layer_type} at {self.keypath} (call {self.call_index + 1} of "
+                f"packed {self.layer_type} at {self.keypath}"
+                + (f" (Flax module {self.flax_path})" if self.flax_path else "")
+                + f" (call {self.call_index + 1} of "
                 f"{self.call_count}, {self.mode}) into {self.path} ({_format.human_bytes(self.size)})",
                 f"  recorded issue: {sig}",
                 f"  arrays: {self.array_count} ({_format.human_bytes(self.array_bytes)})"
@@ -277,6 +281,7 @@ def write_archive(
             for m in manifest["modules"]
             if not (bundle is not None and bundle.files and m in bundle.modules)
         ),
+        flax_path=flax_path,
     )
     if not issue_snippet:
         return result
