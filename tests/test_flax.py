@@ -288,3 +288,10 @@ print(reprokit.replay({str(out)!r}).reproduced, "flax" in sys.modules)
     result = run_python(code)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.split() == ["True", "False"]
+
+
+@pytest.mark.parametrize("variant", [("--stablehlo",), ("--repeat", "2")])
+def test_layernorm_replays_under_run_variants(encoder, variant):
+    result = run_reprokit("run", encoder[0], *variant)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "REPRODUCED" in result.stdout
