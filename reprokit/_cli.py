@@ -527,15 +527,12 @@ def _put_recorded_xla_flags(manifest: dict) -> list[str]:
     current = os.environ.get("XLA_FLAGS", "").split()
     if not flags or flags == current:
         return []
-    from reprokit.environment._config import check_xla_flags, replayable_xla_flags
+    from reprokit.environment._config import check_xla_flags, replayable_xla_flags, xla_flag_note
 
-    flags, machine_specific = replayable_xla_flags(flags)
+    flags, left_out = replayable_xla_flags(flags)
     accepted, rejected = check_xla_flags(flags)
     os.environ["XLA_FLAGS"] = " ".join(accepted)
-    notes = [
-        f"recorded XLA flag {flag} names the reporter's machine; left out"
-        for flag in machine_specific
-    ]
+    notes = [xla_flag_note(flag) for flag in left_out]
     return notes + [
         f"recorded XLA flag {flag} is unknown to this jaxlib; left out" for flag in rejected
     ]

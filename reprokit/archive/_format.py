@@ -374,7 +374,20 @@ def _check_details(manifest: dict) -> None:
             _expect(env, key, dict)
     if "xla_flags" in env:
         _expect(env, "xla_flags", list)
-        for flag in env["xla_flags"]:
+        flags = env["xla_flags"]
+        if len(flags) > MAX_XLA_FLAGS:
+            raise ArchiveError(
+                f"manifest.json records {len(flags)} XLA flags; at most {MAX_XLA_FLAGS} are read"
+            )
+        for flag in flags:
+            if isinstance(flag, str) and (
+                len(flag) > MAX_XLA_FLAG_LENGTH or any(char in flag for char in "\"'\\")
+            ):
+                raise ArchiveError(
+                    f"manifest.json records a malformed XLA flag {brief(flag)} "
+                    f"(quoted, or over {MAX_XLA_FLAG_LENGTH} characters)"
+                )
+        for flag in flags:
             if not isinstance(flag, str) or not _XLA_FLAG.fullmatch(flag):
                 raise ArchiveError(f"manifest.json records a malformed XLA flag {brief(flag)}")
             name, _, value = flag.partition("=")
@@ -389,6 +402,53 @@ def _check_details(manifest: dict) -> None:
                     f"manifest.json records the XLA flag {flag[:80]!r}, which would make XLA "
                     "read or write files on this machine; refused"
                 )
+        if xla_tokens(" ".join(flags)) != flags:
+            raise ArchiveError("manifest.json records XLA flags that XLA would read differently")
+
+
+# What reprokit run would set is `" ".join(flags)`; XLA reads that string with
+# its own tokenizer (xla/parse_flags_from_env.cc), in which a quoted value
+# ends a flag (`--a="x"--b=y` is two flags). Flags without quotes, backslashes
+# or whitespace tokenize back to themselves, so each recorded flag is exactly
+# one flag to XLA (SECURITY.md, class 4); `xla_tokens` is the port that checks it.
+MAX_XLA_FLAGS = 64
+MAX_XLA_FLAG_LENGTH = 256
+_XLA_WHITESPACE = " \t\n\r\v\f"
+
+
+def xla_tokens(text: str) -> list[str]:
+    """The flags XLA reads from an `XLA_FLAGS` value, as its parser forms them."""
+    tokens: list[str] = []
+    size = len(text)
+    start = _skip(text, 0, whitespace=True)
+    while start < size and text[start] == "-":
+        end = start
+        while end < size and text[end].isascii() and (text[end] in "-_" or text[end].isalnum()):
+            end += 1
+        if end < size and text[end] == "=" and end + 1 < size and text[end + 1] in "'\"":
+            name_end = end + 1
+            quote = text[end + 1]
+            end += 2
+            value = []
+            while end < size and text[end] != quote:
+                if quote == '"' and text[end] == "\\" and end + 1 < size:
+                    end += 1
+                value.append(text[end])
+                end += 1
+            if end < size:
+                end += 1  # the closing quote: the next flag may start right here
+            tokens.append(text[start:name_end] + "".join(value))
+        else:
+            end = _skip(text, end, whitespace=False)
+            tokens.append(text[start:end])
+        start = _skip(text, end, whitespace=True)
+    return tokens
+
+
+def _skip(text: str, position: int, *, whitespace: bool) -> int:
+    while position < len(text) and (text[position] in _XLA_WHITESPACE) == whitespace:
+        position += 1
+    return position
 
 
 def _expect(obj: dict, key: str, kind: type, check=lambda v: True) -> None:

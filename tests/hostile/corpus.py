@@ -975,3 +975,20 @@ for _label, (_field, _value) in {
             lambda m, _field=_field, _value=_value: m["layer"].__setitem__(_field, _value)
         )
     )
+
+
+# ------------------------------------------------------------------ XLA flags (class 4)
+
+for _label, _flags, _expect in (
+    # One token to a whitespace split, two flags to XLA: dumps into ./dumps.
+    ("quote-smuggles-dump", ['--xla_dump_hlo_as_text="true"--xla_dump_to=dumps'], "malformed XLA"),
+    ("single-quote", ["--xla_cpu_enable_fast_math='true'"], "malformed XLA"),
+    ("backslash", ["--xla_cpu_enable_fast_math=tr\\ue"], "malformed XLA"),
+    ("too-many", ["--xla_cpu_enable_fast_math=false"] * 65, "at most"),
+    ("too-long", ["--xla_cpu_enable_fast_math=" + "f" * 300], "malformed XLA"),
+):
+    case(f"manifest-xla-{_label}", _expect)(
+        _edit_manifest(
+            lambda m, _flags=_flags: m["environment"].__setitem__("xla_flags", list(_flags))
+        )
+    )

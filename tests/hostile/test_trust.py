@@ -372,3 +372,38 @@ def test_archive_strings_reach_the_terminal_escaped(base, tmp_path):
             printed[-500:],
         )
     assert "\\x1b]0;pwned\\x07\\u202eevil" in run_reprokit("inspect", path).stdout
+
+
+# ------------------------------------------------------------------ class 4
+
+
+def test_xla_flags_are_read_as_xla_reads_them():
+    from reprokit.archive._format import xla_tokens
+
+    assert xla_tokens('--xla_dump_hlo_as_text="true"--xla_dump_to=dumps') == [
+        "--xla_dump_hlo_as_text=true",
+        "--xla_dump_to=dumps",
+    ]
+    assert xla_tokens('--a=\'x y\'\t--b="q\\"z" --c') == ["--a=x y", '--b=q"z', "--c"]
+
+
+def test_only_numerics_flags_are_applied_and_all_are_probed_in_one_child(monkeypatch):
+    from reprokit.environment import _config
+    from reprokit.environment._config import check_xla_flags, replayable_xla_flags
+
+    children = []
+    probe = _config._probe
+    monkeypatch.setattr(
+        _config, "_probe", lambda flags, timeout: children.append(1) or probe(flags, timeout)
+    )
+
+    keep, left_out = replayable_xla_flags(
+        ["--xla_cpu_enable_fast_math=false", "--xla_dump_hlo_as_text=true", "--xla_gpu_ptx_file=x"]
+    )
+    assert keep == ["--xla_cpu_enable_fast_math=false"]
+    assert left_out == ["--xla_dump_hlo_as_text=true", "--xla_gpu_ptx_file=x"]
+    # 250 flags XLA does not know: one child names them all, one confirms the rest.
+    unknown = [f"--xla_reprokit_no_such_flag_{i}=1" for i in range(250)]
+    accepted, rejected = check_xla_flags(["--xla_cpu_enable_fast_math=false", *unknown])
+    assert accepted == ["--xla_cpu_enable_fast_math=false"] and rejected == unknown
+    assert len(children) == 2  # not 251 (250 children took 73 s)
