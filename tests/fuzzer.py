@@ -1081,6 +1081,13 @@ def run(
     for name, path in bases.items():
         originals[name] = fingerprint(reprokit.load(path).record)
         check_archive(path, originals[name], replay=replay)  # warm lazy imports first
+    # treescope, which penzai's error messages use to show values, imports
+    # numpy's public submodules (numpy.f2py, and with it fileinput) on its
+    # first rendering: a lazy import of the harness, warmed up here.
+    import numpy as np
+    import treescope
+
+    treescope.render_to_text(np.zeros(2))
     escapes = EscapeWatch(folder)
     sys.addaudithook(escapes.hook)
     rng = random.Random(seed)
