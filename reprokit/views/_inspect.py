@@ -117,9 +117,16 @@ def array_label(arrays: list[dict], index: Any) -> str:
 
 
 def describe_archive(
-    manifest: dict, structure: dict, sha256: str, statistics: list[dict] | None = None
+    manifest: dict,
+    structure: dict,
+    sha256: str,
+    statistics: list[dict] | None = None,
+    self_check: dict | None = None,
 ) -> str:
-    """The text `reprokit inspect` prints; `statistics` (from `archive_statistics`) adds a table."""
+    """The text `reprokit inspect` prints; `statistics` (from `archive_statistics`) adds a table.
+
+    `self_check` is the archive's `selfcheck.json` as `open_archive` reads it.
+    """
     from reprokit.environment._diff import format_environment_summary
 
     layer, call = manifest["layer"], manifest["call"]
@@ -132,6 +139,9 @@ def describe_archive(
         f"call: {call.get('index', 0) + 1} of {call.get('count', 1)}, captured {manifest['mode']}",
     ]
     lines += _format.describe_backward(manifest)  # a gradient issue's cotangent and gradients
+    from reprokit.archive._provenance import found_by_lines, self_check_lines
+
+    lines += found_by_lines(manifest) + self_check_lines(self_check, manifest)
     if manifest["note"]:
         lines.append(f"note: {manifest['note']}")
     if manifest["modules"]:
@@ -313,19 +323,100 @@ def archive_statistics(opened: Any) -> list[dict]:
 
     arrays = opened.structure["arrays"]
     where = array_paths(opened.structure["record"])
-    rows = []
+    found: dict[int, dict] = {}
+    small: list[int] = []
     for index, desc in enumerate(arrays):
         if "checkpoint" in desc:
             continue  # in the orbax checkpoint: read with tensorstore only on replay
         if desc.get("fill") is not None:
-            stats = fill_statistics(desc)
+            found[index] = fill_statistics(desc)
+            continue
+        member = _format.array_member(index)
+        if opened.reader.size(member) != desc["nbytes"]:
+            raise ArchiveError(f"member {member!r} has the wrong size for its array")
+        if desc["kind"] != "key" and 0 < desc["nbytes"] <= _BATCH_BYTES:
+            small.append(index)
         else:
-            member = _format.array_member(index)
-            if opened.reader.size(member) != desc["nbytes"]:
-                raise ArchiveError(f"member {member!r} has the wrong size for its array")
-            stats = array_statistics(desc, opened.reader.read_aligned(member))
-        rows.append({"index": index, "where": where.get(index, "(unused)"), **stats})
-    return rows
+            found[index] = array_statistics(desc, opened.reader.read_aligned(member))
+    found.update(_small_statistics(opened.reader, arrays, small))
+    return [
+        {"index": index, "where": where.get(index, "(unused)"), **found[index]}
+        for index in sorted(found)
+    ]
+
+
+# Arrays up to this size are read in batches and summarised together: an
+# archive of 100,000 small arrays cost a read and a dozen numpy calls each.
+_BATCH_BYTES = 1 << 16
+# Integer sums go through float64 the way `array_statistics` does them only
+# up to numpy's cast buffer; longer integer rows take the one-by-one path.
+_BATCH_INT_ELEMENTS = 8192
+
+
+def _small_statistics(reader: Any, arrays: list[dict], indices: list[int]) -> dict[int, dict]:
+    """`array_statistics` of many small arrays at once, equal to it value for value.
+
+    Arrays of one dtype and size are stacked into one 2-D float64 block
+    (rows sum pairwise exactly as a 1-D array does); a row holding NaN or
+    Inf, and kinds the block cannot express, go through `array_statistics`.
+    """
+    from reprokit.portable._arrays import dtype_from_name
+
+    payloads = reader.read_small_members([_format.array_member(i) for i in indices])
+    groups: dict[tuple[str, int], list[int]] = {}
+    for position, index in enumerate(indices):
+        desc = arrays[index]
+        groups.setdefault((desc["dtype"], desc["nbytes"]), []).append(position)
+    out: dict[int, dict] = {}
+    for (dtype_name, nbytes), positions in groups.items():
+        dtype = dtype_from_name(dtype_name)
+        kind = _value_kind(dtype)
+        size = nbytes // dtype.itemsize
+        batchable = kind == "float" or (
+            kind == "int" and dtype.kind in "iu" and size <= _BATCH_INT_ELEMENTS
+        )
+        if not batchable:
+            for position in positions:
+                index = indices[position]
+                raw = np.frombuffer(payloads[position], dtype=np.uint8)
+                out[index] = array_statistics(arrays[index], raw)
+            continue
+        block = np.empty((len(positions), nbytes), dtype=np.uint8)
+        for row, position in enumerate(positions):
+            block[row] = np.frombuffer(payloads[position], dtype=np.uint8)
+        values = block.view(dtype).reshape(len(positions), size)
+        # Rows with NaN/Inf are recomputed below; their sums may warn here.
+        with np.errstate(all="ignore"):
+            wide = values.astype(np.float64)
+            if kind == "float":
+                nan = np.isnan(wide).sum(axis=1)
+                inf = np.isinf(wide).sum(axis=1)
+                lows, highs = wide.min(axis=1).tolist(), wide.max(axis=1).tolist()
+            else:
+                nan = inf = np.zeros(len(positions), dtype=np.int64)
+                lows, highs = values.min(axis=1).tolist(), values.max(axis=1).tolist()
+            totals = wide.sum(axis=1).tolist()
+        bad = (nan + inf).tolist()
+        for row, position in enumerate(positions):
+            index = indices[position]
+            desc = arrays[index]
+            if bad[row]:
+                raw = np.frombuffer(payloads[position], dtype=np.uint8)
+                out[index] = array_statistics(desc, raw)
+                continue
+            mean = totals[row] / size
+            out[index] = {
+                "kind": desc["kind"],
+                "dtype": desc["dtype"],
+                "shape": list(desc["shape"]),
+                "size": size,
+                "min": lows[row],
+                "max": highs[row],
+                "mean": mean if math.isfinite(mean) else None,
+                "nan": 0,
+                "inf": 0,
+            }
+    return out
 
 
 def fill_statistics(desc: dict) -> dict:
