@@ -848,7 +848,11 @@ def inspect(
             }
             click.echo(json.dumps(payload, indent=1))
         elif not quiet:
-            _echo_text(describe_archive(opened.manifest, opened.structure, sha256, statistics))
+            _echo_text(
+                describe_archive(
+                    opened.manifest, opened.structure, sha256, statistics, opened.self_check
+                )
+            )
             if replay_script_line(script):
                 click.echo(replay_script_line(script))
 

@@ -138,6 +138,8 @@ def _read_self_check(reader: ArchiveReader) -> dict | None:
         raise ArchiveError(f"{_format.SELFCHECK} is not valid JSON") from None
     if not isinstance(data, dict):
         raise ArchiveError(f"{_format.SELFCHECK} is not a JSON object")
-    return {k: data[k] for k in ("ran", "reproduced", "output_bitwise_equal") if isinstance(data.get(k), bool)}
+    from reprokit.archive._provenance import read_self_check
+
+    return read_self_check(data)
 
 

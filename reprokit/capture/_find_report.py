@@ -268,7 +268,9 @@ def _found_by(session, culprit, check, mode, passes, reference_name, tolerance) 
         )
         found_by["error_metric"] = ERROR_METRIC
         returned = culprit.call.returned or {}
-        found_by["error"] = {"abs": returned.get("abs_error"), "rel": returned.get("error")}
+        found_by["error"] = _jsonable(
+            {"abs": returned.get("abs_error"), "rel": returned.get("error")}
+        )
     if check in ("nonfinite", "inf"):
         found_by["nonfinite_parameters"] = _nonfinite_parameters(site, block)
         found_by["rule"] = culprit.rule

@@ -57,7 +57,10 @@ def describe(result: dict, mode: str) -> list[str]:
             f"  self-check: could not replay the archive in a fresh process: {result.get('error')}"
         ]
     lines = []
-    if result["reproduced"]:
+    if result["reproduced"] and result.get("signature_kind") == "exception":
+        # An exception archive has no output: the same exception is what reproduced.
+        lines.append("  self-check: reproduced in a fresh process (the same exception)")
+    elif result["reproduced"]:
         equal = "bitwise equal" if result.get("output_bitwise_equal") else "not bitwise equal"
         lines.append(
             f"  self-check: reproduced in a fresh process (output {equal} to the recorded one)"
@@ -108,6 +111,7 @@ def _main(argv: list[str]) -> int:
         differs = [r for r in other["output"] if r["status"] == "differs"]
         result = {
             "ran": True,
+            "signature_kind": loaded.manifest["signature"]["kind"],
             "reproduced": verdict.reproduced,
             "reason": verdict.details["reason"],
             "output_bitwise_equal": verdict.details["output_bitwise_equal"],

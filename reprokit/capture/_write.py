@@ -290,7 +290,10 @@ def write_archive(
     written = json.loads(json.dumps(manifest, sort_keys=True))
     structure = _grammar.unpack_bytes(_encoding.pack_bytes(tree))
     return dataclasses.replace(
-        result, issue_path=write_issue_snippet(out, manifest=written, structure=structure)
+        result,
+        issue_path=write_issue_snippet(
+            out, manifest=written, structure=structure, self_check=self_check
+        ),
     )
 
 

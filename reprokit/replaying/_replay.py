@@ -277,6 +277,7 @@ class Verdict:
             "layer": self.manifest["layer"],
             "topology": self.topology,
             "reporter_self_check": self.reporter_self_check,
+            "found_by": self.manifest.get("found_by"),
             "notes": list(self.notes),
             "environment_differences": [
                 dataclasses.asdict(d) for d in self.environment_differences
@@ -298,9 +299,11 @@ class Verdict:
         topology = describe_topology(self.topology)
         if topology:
             lines.append(f"  topology: {topology}")
-        reporter = reporter_line(self.reporter_self_check)
-        if reporter:
-            lines.append(f"  {reporter}")
+        from reprokit.archive._provenance import found_by_lines, self_check_lines
+
+        # How the archive was made: how the layer was found, what the self-check measured.
+        lines += ["  " + line for line in found_by_lines(self.manifest)]
+        lines += ["  " + line for line in self_check_lines(self.reporter_self_check, self.manifest)]
         lines += [f"  note: {note}" for note in self.notes]
         important = [d for d in self.environment_differences if d.version_sensitive]
         if important:
@@ -313,17 +316,6 @@ class Verdict:
         else:
             lines.append("  environment: same versions, platform and numerics config as recorded")
         return "\n".join(lines)
-
-
-def reporter_line(result: dict | None) -> str | None:
-    """What the archive's recorded self-check says, for `reprokit run`."""
-    if not isinstance(result, dict):
-        return None
-    if not result.get("ran"):
-        return "reproduced on the reporter's machine after packing: not checked"
-    answer = "yes" if result.get("reproduced") else "NO"
-    equal = ", output bitwise equal" if result.get("output_bitwise_equal") else ""
-    return f"reproduced on the reporter's machine after packing: {answer}{equal}"
 
 
 def stablehlo_outcome(loaded: LoadedArchive) -> dict:

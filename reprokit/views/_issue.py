@@ -195,10 +195,23 @@ def one_line_summary(signature: dict) -> str:
 
 
 def render_issue(
-    manifest: dict, structure: dict, *, archive_name: str, archive_size: int, sha256: str
+    manifest: dict,
+    structure: dict,
+    *,
+    archive_name: str,
+    archive_size: int,
+    sha256: str,
+    self_check: dict | None = None,
 ) -> str:
-    """The Markdown snippet for an archive, from its manifest and encoded structure."""
+    """The Markdown snippet for an archive, from its manifest and encoded structure.
+
+    `self_check` is what the replay after packing measured (`selfcheck.json`).
+    """
+    from reprokit.archive._provenance import found_by_lines, read_self_check, self_check_lines
     from reprokit.views import _script
+
+    checked = read_self_check(self_check) if isinstance(self_check, dict) else None
+    made = found_by_lines(manifest) + self_check_lines(checked, manifest)
 
     return _script.render_issue_text(
         manifest=manifest,
@@ -212,6 +225,7 @@ def render_issue(
         sha256=sha256,
         too_large=archive_size > GITHUB_ATTACHMENT_LIMIT,
         limit_text="25 MB",
+        made=[code_cell(line.strip()) for line in made],
     )
 
 
@@ -246,6 +260,7 @@ def issue_text(
         archive_name=os.path.basename(opened.path),
         archive_size=size,
         sha256=sha256,
+        self_check=opened.self_check,
     )
     return {
         "archive": opened.path,
@@ -265,7 +280,11 @@ def _file_sha256(path: str) -> str:
 
 
 def write_issue_snippet(
-    archive: str | os.PathLike, *, manifest: dict | None = None, structure: dict | None = None
+    archive: str | os.PathLike,
+    *,
+    manifest: dict | None = None,
+    structure: dict | None = None,
+    self_check: dict | None = None,
 ) -> str:
     """Writes `NAME.issue.md` next to `archive` (atomically) and returns its path.
 
@@ -287,6 +306,7 @@ def write_issue_snippet(
             archive_name=os.path.basename(archive),
             archive_size=size,
             sha256=None if size > _PACK_TIME_HASH_LIMIT else _file_sha256(archive),
+            self_check=self_check,
         )
     try:
         write_atomically(path, text.encode("utf-8"))
