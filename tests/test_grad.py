@@ -136,8 +136,10 @@ def test_sqrt_archive_replays_with_run_and_standalone_replay_py(tmp_path):
     reference = run_reprokit("run", out, "--reference", "float64")
     assert reference.returncode == 0, reference.stdout + reference.stderr
     assert "gradients['argument.data_array']" in reference.stdout
-    shown = run_reprokit("inspect", out, "--html", tmp_path / "view.html")
+    shown = run_reprokit("inspect", out)
     assert shown.returncode == 0, shown.stderr
+    html = run_reprokit("inspect", out, "--html", tmp_path / "view.html")
+    assert html.returncode == 0, html.stderr
     assert "cotangent at the layer's output: 'output_cotangent[0]'" in shown.stdout
     assert "gradient the layer produced: 'argument.data_array'" in shown.stdout
     page = (tmp_path / "view.html").read_text()

@@ -35,15 +35,14 @@ from penzai import pz
 
 from reprokit._errors import CaptureError, ReprokitError, UsageError
 from reprokit.capture._probe import (
-    _array_leaves,
     _Call,
     _device_counts,
     _in_mode,
     _instrument,
     _is_inexact,
+    _on_cpu,
     _preserved_state,
     _Probe,
-    _received_leaves,
     _Session,
     tracing,
 )
@@ -65,6 +64,35 @@ def _counts_text(counts: dict | None) -> str:
         if counts[key]
     ]
     return ", ".join(parts) if parts else "finite"
+
+
+def _host_counts(leaves: list) -> np.ndarray:
+    """NaN, +Inf, -Inf counts of concrete arrays: on the host for CPU arrays, else on device."""
+    if not all(_on_cpu(leaf) for leaf in leaves):
+        return np.asarray(_device_counts(leaves))
+    total = np.zeros(3, np.int64)
+    for leaf in leaves:
+        counts = nonfinite_counts(np.asarray(leaf))
+        total += (counts["nan"], counts["posinf"], counts["neginf"])
+    return total
+
+
+def _plain_leaves(tree: Any) -> list:
+    """The array leaves of a tree as they are (tracers stay tracers: no op is staged for them)."""
+    out = []
+    for leaf in jax.tree_util.tree_leaves(tree):
+        if isinstance(leaf, jax.Array | jax.core.Tracer):
+            out.append(leaf)
+        elif isinstance(leaf, np.ndarray | np.generic | int | float | complex):
+            out.append(np.asarray(leaf))
+    return out
+
+
+def _received(layer: Any, argument: Any, side_inputs: dict) -> list:
+    """What a layer receives: its argument, side inputs and the values of its state variables."""
+    (_, arg, sides), variables = pz.unbind_variables((layer, argument, side_inputs))
+    states = [var.value for var in variables if isinstance(var, pz.StateVariable)]
+    return _plain_leaves((arg, sides, states))
 
 
 def _is_array(leaf: Any) -> bool:
@@ -113,7 +141,8 @@ class _GradSession(_Session):
         self.backward: dict[tuple[int, str], list[tuple[int, list[dict]]]] = {}
         # (kind, site) in the order backward Python ran (also while jit traced it).
         self.backward_python: list[tuple[str, int]] = []
-        self.labels: dict[int, list[str]] = {}
+        # Per layer: whether its argument has inexact leaves, and its own parameters' labels.
+        self.produced: dict[int, tuple[bool, list[str]]] = {}
         self.sequence = 0
 
     def release(self) -> None:
@@ -121,10 +150,15 @@ class _GradSession(_Session):
         self.backward, self.backward_python = {}, []
 
     def emit_forward(self, kind: str, site: int, leaves: list) -> None:
-        # Under jax.grad the values are JVP tracers even when the model runs
-        # eagerly: they leave through an ordered callback, which sees primals.
+        # Under an eager jax.grad the values are JVP tracers, but their primals
+        # are concrete: stop_gradient hands them over, and the forward summary
+        # is taken as for an eager pass (no callback, no op on a tracer).
+        primals = [jax.lax.stop_gradient(leaf) if _is_inexact(leaf) else leaf for leaf in leaves]
+        if not tracing() and not any(isinstance(p, jax.core.Tracer) for p in primals):
+            self.emit(kind, site, primals)
+            return
         self._traced_events = True
-        payload = _device_counts(leaves)
+        payload = _device_counts(primals)
         callback = functools.partial(self._on_event, kind, site, True)
         jax.debug.callback(callback, payload, ordered=True)
 
@@ -134,7 +168,7 @@ class _GradSession(_Session):
         if not tracing() and not any(
             isinstance(g, jax.core.Tracer) for group in groups for g in group
         ):
-            self._on_backward(kind, site, *[_device_counts(group) for group in groups])
+            self._on_backward(kind, site, *[_host_counts(group) for group in groups])
             return
         payload = [_device_counts(group) for group in groups]
         jax.debug.callback(
@@ -161,12 +195,8 @@ class _GradProbe(_Probe):
         session = self.session
         site = self.site
         python_index = session.note_python_call(site)
-        session.emit_forward("enter", site, _received_leaves(self.wrapped, argument, side_inputs))
-        arg_leaves = inexact_leaves(argument)
-        if arg_leaves:
-            tapped = tap(arg_leaves, lambda g: session.on_backward("in", site, [g]))
-            argument = replace_inexact(argument, tapped)
-        layer = self._tapped_parameters()
+        session.emit_forward("enter", site, _received(self.wrapped, argument, side_inputs))
+        argument, layer = self._tapped_inputs(argument)
         try:
             output = layer(argument, **side_inputs)
         except ReprokitError:
@@ -174,38 +204,50 @@ class _GradProbe(_Probe):
         except Exception as error:
             session.on_raise(site, python_index, error)
             raise
-        session.emit_forward("exit", site, _array_leaves(output))
+        session.emit_forward("exit", site, _plain_leaves(output))
         out_leaves = inexact_leaves(output)
         if out_leaves:
             tapped = tap(out_leaves, lambda g: session.on_backward("out", site, [g]))
             output = replace_inexact(output, tapped)
         return output
 
-    def _tapped_parameters(self) -> Any:
-        selection = pz.select(self.wrapped).at_instances_of(pz.ParameterValue)
+    def _tapped_inputs(self, argument: Any) -> tuple[Any, Any]:
+        """(argument, layer) behind one tap reporting what the backward pass produced for them.
+
+        One tap, so one backward event per call: the argument's cotangent,
+        then each of the layer's own parameters' gradients. Parameters of
+        sublayers are tapped by their own probes (each once, where it is used).
+        """
+        selection = (
+            pz.select(self.wrapped)
+            .at_subtrees_where(lambda node: isinstance(node, pz.ParameterValue | _Probe))
+            .where(lambda node: isinstance(node, pz.ParameterValue))
+        )
         params = selection.get_sequence()
-        groups, leaves = [], []
+        arg_leaves = inexact_leaves(argument)
+        groups, leaves = [len(arg_leaves)], list(arg_leaves)
         for param in params:
             inner = inexact_leaves(param.value)
             groups.append(len(inner))
             leaves += inner
         if not leaves:
-            return self.wrapped
-        self.session.labels[self.site] = [str(p.label) for p in params]
+            return argument, self.wrapped
+        self.session.produced[self.site] = (bool(arg_leaves), [str(p.label) for p in params])
 
         def report(cotangents):
             split, start = [], 0
             for size in groups:
                 split.append(cotangents[start : start + size])
                 start += size
-            self.session.on_backward("params", self.site, split)
+            self.session.on_backward("produced", self.site, split)
 
         tapped = iter(tap(leaves, report))
+        argument = replace_inexact(argument, [next(tapped) for _ in range(groups[0])])
         new = [
             dataclasses.replace(p, value=replace_inexact(p.value, [next(tapped) for _ in range(n)]))
-            for p, n in zip(params, groups, strict=True)
+            for p, n in zip(params, groups[1:], strict=True)
         ]
-        return selection.set_sequence(new)
+        return argument, selection.set_sequence(new) if params else self.wrapped
 
 
 def _to_grad_probes(tree: Any) -> Any:
@@ -326,11 +368,11 @@ def backward_of_calls(session: _GradSession) -> dict[int, _Backward]:
             backward = result[id(call)]
             if kind == "out":
                 backward.out, backward.order = groups[0], order
-            elif kind == "in":
-                backward.argument = groups[0]
             else:
-                labels = session.labels.get(site, [])
-                for label, counts in zip(labels, groups, strict=False):
+                has_argument, labels = session.produced.get(site, (False, []))
+                if has_argument:
+                    backward.argument = groups[0]
+                for label, counts in zip(labels, groups[1:], strict=False):
                     backward.params[label] = counts
     return result
 
