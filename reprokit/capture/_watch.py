@@ -470,6 +470,11 @@ def watch(
     reference) on a detached copy of the model, captures the culprit and
     writes an archive; your model's variables are not touched.
 
+    Training steps whose forward pass is finite but whose gradients are
+    NaN/Inf are invisible here (the tripwire sees forward values): watch
+    those with `reprokit.watch_training`, one check per step after your own
+    jitted optax step.
+
     Args:
       selection_or_model: a `pz.nn.Layer` (watch the whole model: the
         culprit is then located with `reprokit.find`), or a `pz.Selection` of
