@@ -239,7 +239,7 @@ def write_archive(
             from reprokit.record import _stablehlo
 
             stablehlo = _stablehlo.export_layer(_record_parts(record))
-        stablehlo_bytes, manifest["stablehlo"] = stablehlo[0], dict(stablehlo[1])
+        stablehlo_bytes, manifest["stablehlo"] = stablehlo[0], _scrubbed(dict(stablehlo[1]))
     for key, value in (extra_manifest or {}).items():
         if key in manifest:
             raise ValueError(f"extra manifest field {key!r} collides with a format field")
@@ -456,8 +456,21 @@ def _write(
         if check_with is None:
             return None
         result = self_check(writer.snapshot(), check_with)
-        writer.add_bytes(_format.SELFCHECK, json.dumps(result, indent=1).encode())
+        # Its reasons and errors quote paths (the snapshot's, the reporter's files).
+        writer.add_bytes(_format.SELFCHECK, json.dumps(_scrubbed(result), indent=1).encode())
     return result
+
+
+def _scrubbed(value: Any) -> Any:
+    """`value` with every string scrubbed: error strings stored in an archive quote the
+    reporter's paths, user and host names (SECURITY.md, class 5)."""
+    if isinstance(value, str):
+        return _format.printable(scrub_text(value))
+    if isinstance(value, dict):
+        return {key: _scrubbed(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_scrubbed(item) for item in value]
+    return value
 
 
 def _contents(record: CallRecord, redaction: dict | None) -> dict:

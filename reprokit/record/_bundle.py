@@ -267,7 +267,9 @@ def _extract_main(module: types.ModuleType, qualnames: set[str]) -> str:
             definitions.append((first, source))
             queue.extend(sorted(_free_globals(source) - done))
         elif _is_literal(value):
-            constants[name] = f"{name} = {value!r}"
+            # A constant the code reads (`__file__`, a data folder) may hold the
+            # reporter's paths or names: scrubbed like every stored string.
+            constants[name] = f"{name} = {_scrubbed_literal(value)!r}"
         elif getattr(builtins, name, None) is value:
             continue
         else:
@@ -301,6 +303,19 @@ def _extract_main(module: types.ModuleType, qualnames: set[str]) -> str:
         *[source for _, source in sorted(definitions)],
     ]
     return "\n".join(parts).strip() + "\n"
+
+
+def _scrubbed_literal(value: Any) -> Any:
+    """A literal constant with its strings scrubbed (SECURITY.md, class 5)."""
+    from reprokit.environment._scrub import scrub_text
+
+    if isinstance(value, str):
+        return scrub_text(value)
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return type(value)(_scrubbed_literal(item) for item in value)
+    if isinstance(value, dict):
+        return {_scrubbed_literal(k): _scrubbed_literal(v) for k, v in value.items()}
+    return value
 
 
 def _register(alias: str, source: str, qualnames: set[str]) -> None:

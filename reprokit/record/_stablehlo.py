@@ -103,6 +103,13 @@ def export_layer(record: dict) -> tuple[bytes | None, dict]:
         exported = jax.export.export(jax.jit(flat_call))(*flat_arguments(record))
     except Exception as error:  # lowering is best effort: the archive is useful without it
         return None, {"error": " ".join(f"{type(error).__name__}: {error}".split())[:300]}
+    try:
+        module = without_locations(exported)
+    except Exception as error:  # never ship the reporter's paths instead
+        return None, {
+            "error": "could not strip source locations from the StableHLO module: "
+            + " ".join(f"{type(error).__name__}: {error}".split())[:200]
+        }
     meta = {
         "in_avals": [_aval_json(a) for a in exported.in_avals],
         "out_avals": [_aval_json(a) for a in exported.out_avals],
@@ -111,7 +118,27 @@ def export_layer(record: dict) -> tuple[bytes | None, dict]:
         "module_kept_var_idx": list(exported.module_kept_var_idx),
         "uses_global_constants": bool(exported.uses_global_constants),
     }
-    return exported.mlir_module_serialized, meta
+    return module, meta
+
+
+def without_locations(exported: Any) -> bytes:
+    """The exported module as a portable artifact, with every source location dropped.
+
+    `jax.export` records, for each operation, the file, line and function of
+    the Python that produced it: absolute paths into the reporter's home
+    folder, user name and project (SECURITY.md, class 5). Printing the module
+    without debug information and parsing that text again leaves only
+    locations into that text (`loc("-":12:5)`); it is then serialized the way
+    `jax.export` serializes (same StableHLO compatibility window).
+    """
+    from jax._src.export import _export
+    from jax._src.interpreters import mlir
+    from jax._src.lib.mlir import ir
+
+    with mlir.make_ir_context():
+        module = ir.Module.parse(exported.mlir_module())
+        bare = ir.Module.parse(module.operation.get_asm(enable_debug_info=False))
+        return _export._module_to_bytecode(bare)
 
 
 def _aval_json(aval) -> list:

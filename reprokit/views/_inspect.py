@@ -607,7 +607,7 @@ def write_html(
         for block in iter(lambda: file.read(1 << 20), b""):
             digest.update(block)
     page = render_html(loaded, digest.hexdigest()).encode("utf-8")
-    from reprokit.views._issue import write_atomically
+    from reprokit.views._script import write_atomically
 
     out = os.fspath(out)
     try:

@@ -27,34 +27,6 @@ _NAMED_ARRAY = "penzai.core.named_axes:NamedArray"
 _MAX_INPUT_LINES = 12
 
 
-def write_atomically(path: str | os.PathLike, data: bytes) -> None:
-    """Write `data` to `path` through a new temp file beside it, then rename it into place.
-
-    The temp file gets an unguessable name and is created with
-    `O_CREAT|O_EXCL|O_NOFOLLOW` (SECURITY.md, class 8): a symlink planted
-    where it would go (say pointing at ~/.bashrc) makes the open fail instead
-    of being followed, and the rename replaces a link at `path` itself, never
-    its target. Raises OSError; no temp file is left behind.
-    """
-    import secrets
-
-    path = os.fspath(path)
-    folder, base = os.path.split(os.path.abspath(path))
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
-    temp = os.path.join(folder, f".{base}.tmp-{secrets.token_hex(8)}")
-    fd = os.open(temp, flags | getattr(os, "O_BINARY", 0), 0o666)
-    try:
-        with open(fd, "wb") as file:
-            file.write(data)
-        os.replace(temp, path)
-    except BaseException:
-        try:
-            os.unlink(temp)
-        except OSError:
-            pass
-        raise
-
-
 def issue_path_for(archive: str | os.PathLike) -> str:
     """Where the snippet of `archive` goes: `NAME.issue.md` next to `NAME.repro.zip`."""
     archive = os.fspath(archive)
@@ -309,6 +281,8 @@ def write_issue_snippet(
             self_check=self_check,
         )
     try:
+        from reprokit.views._script import write_atomically
+
         write_atomically(path, text.encode("utf-8"))
     except OSError as error:
         raise CaptureError(

@@ -407,3 +407,73 @@ def test_only_numerics_flags_are_applied_and_all_are_probed_in_one_child(monkeyp
     accepted, rejected = check_xla_flags(["--xla_cpu_enable_fast_math=false", *unknown])
     assert accepted == ["--xla_cpu_enable_fast_math=false"] and rejected == unknown
     assert len(children) == 2  # not 251 (250 children took 73 s)
+
+
+# ------------------------------------------------------------------ class 5
+
+_FAKE_USER = "zelda-reprokit-reporter"
+
+_REPORTER_SCRIPT = '''
+import dataclasses, sys
+import jax, jax.numpy as jnp
+from penzai import pz
+from penzai.models import simple_mlp
+import reprokit
+
+
+@pz.pytree_dataclass
+class Scaled(pz.nn.Layer):
+    scale: float = dataclasses.field(metadata={"pytree_node": False}, default=2.0)
+    raise_it: bool = dataclasses.field(metadata={"pytree_node": False}, default=False)
+
+    def __call__(self, x, **side_inputs):
+        if self.raise_it:
+            raise ValueError(f"failed in {__file__} for " + sys.argv[1])
+        return x * self.scale
+
+
+mlp = simple_mlp.MLP.from_config(name="mlp", init_base_rng=jax.random.key(0), feature_sizes=[4, 8, 4])
+x = pz.nx.wrap(jnp.linspace(-1.0, 1.0, 12).reshape(3, 4), "batch", "features")
+model = pz.nn.Sequential([Scaled(), mlp])
+pick = pz.select(model).at_instances_of(Scaled).pick_nth_selected(0)
+reprokit.pack(pick, x, out="eager.repro.zip", bundle_code=True, allow_modules=["__main__"])
+reprokit.pack(pick, x, out="jit.repro.zip", mode="jit", check=False, bundle_code=True,
+              allow_modules=["__main__"])
+failing = pz.select(pz.nn.Sequential([Scaled(raise_it=True), mlp])).at_instances_of(Scaled)
+reprokit.pack(failing.pick_nth_selected(0), x, out="raises.repro.zip", bundle_code=True,
+              allow_modules=["__main__"])
+'''
+
+
+def test_nothing_from_the_reporters_disk_in_any_member(tmp_path):
+    """Pack from a project under a fake home whose path holds a fake user name; grep every member."""
+    import zipfile
+
+    home = tmp_path / "home" / _FAKE_USER
+    project = home / "projects" / "secret-project"
+    project.mkdir(parents=True)
+    (project / "train_model.py").write_text(_REPORTER_SCRIPT)
+    env = subprocess_env(HOME=str(home), USER=_FAKE_USER, LOGNAME=_FAKE_USER)
+    done = subprocess.run(
+        [sys.executable, "train_model.py", str(project)],
+        cwd=project,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        stdin=subprocess.DEVNULL,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    archives = sorted(project.glob("*.repro.zip"))
+    assert [a.name for a in archives] == ["eager.repro.zip", "jit.repro.zip", "raises.repro.zip"]
+    leaks = []
+    for archive in archives:
+        with zipfile.ZipFile(archive) as opened:
+            names = opened.namelist()
+            assert "stablehlo.mlirbc" in names or archive.name == "raises.repro.zip", names
+            for name in names:
+                data = opened.read(name)
+                for secret in (_FAKE_USER, str(home), str(tmp_path)):
+                    if secret.encode() in data:
+                        leaks.append(f"{archive.name}:{name} holds {secret!r}")
+    assert leaks == []
