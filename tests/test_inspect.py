@@ -143,10 +143,11 @@ def test_inspect_prints_statistics_and_imports_no_jax(nan_archive):
     text = result.stdout
     assert "min, max and mean are over finite values" in text
     rows = {line.split()[1]: line for line in text.splitlines() if re.match(r"\s+\d+\s", line)}
-    # One NaN in the weights, and the whole output column it feeds is NaN.
+    # One NaN in the weights, and the whole output column it feeds is NaN
+    # (columns NaN, +Inf, -Inf).
     weights = rows["submodel.weights.value.data_array"]
-    assert re.search(r"float32\[8,8\].*\s1\s+0$", weights), weights
-    assert re.search(r"float32\[3,8\].*\s3\s+0$", rows["output.data_array"]), text
+    assert re.search(r"float32\[8,8\].*\s1\s+0\s+0$", weights), weights
+    assert re.search(r"float32\[3,8\].*\s3\s+0\s+0$", rows["output.data_array"]), text
 
 
 def test_inspect_json_statistics_match_the_rebuilt_arrays(nan_archive):

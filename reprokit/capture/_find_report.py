@@ -105,6 +105,7 @@ def _render(
         elif s.index in chain:
             marks.append("(contains the culprit)")
         rows.append((name, in_text, out_text, "  ".join(marks)))
+    rows = _collapse_not_called(rows)
     width = min(max((len(r[0]) for r in rows), default=0), 72)
     in_width = min(max((len(r[1]) for r in rows), default=0), 26)
     out_width = min(max((len(r[2]) for r in rows), default=0), 26)
@@ -118,6 +119,33 @@ def _render(
     if hidden:
         lines.append(f"({hidden} layers away from the culprit not shown)")
     return "\n".join(lines)
+
+
+# Runs of this many "not called" rows or more print as one line.
+_NOT_CALLED_RUN = 3
+
+
+def _collapse_not_called(rows: list[tuple[str, str, str, str]]) -> list[tuple[str, str, str, str]]:
+    """Folds each run of unmarked "not called" layers (a model's unused branches) into one row."""
+    out: list[tuple[str, str, str, str]] = []
+    run: list[tuple[str, str, str, str]] = []
+
+    def flush() -> None:
+        if len(run) >= _NOT_CALLED_RUN:
+            indent = run[0][0][: len(run[0][0]) - len(run[0][0].lstrip())]
+            out.append((f"{indent}... {len(run)} layers", "", "not called", ""))
+        else:
+            out.extend(run)
+        run.clear()
+
+    for row in rows:
+        if row[2] == "not called" and not row[3]:
+            run.append(row)
+        else:
+            flush()
+            out.append(row)
+    flush()
+    return out
 
 
 def _flax_path(session: _Session, site) -> str | None:

@@ -180,7 +180,10 @@ def describe_archive(
         + (f", {filled} stored as fills (one value repeated, no bytes)" if filled else "")
     )
     if statistics:
-        lines.append("  min, max and mean are over finite values; NaN and Inf are counts")
+        lines.append(
+            "  min, max and mean are over finite values; NaN, +Inf and -Inf are counts; "
+            "a one-element array shows its value (= ...)"
+        )
         lines += ["  " + line for line in format_statistics(statistics).splitlines()]
     lines.append("structure:")
     for name, node in structure["record"].items():
@@ -201,15 +204,49 @@ def walk_encoded(node: Any, path: str) -> Iterator[tuple[str, Any]]:
 
 
 def array_paths(record: dict) -> dict[int, str]:
-    """Where each array of the table first appears in the record (index -> path)."""
+    """Where each array of the table first appears in the record (index -> path).
+
+    State variables are named by their labels (`initial_var_values['sampler/
+    cache_0'].value`), not by their position in the tuple.
+    """
     found: dict[int, str] = {}
     for name, node in record.items():
+        labels = _state_labels(name, node)
         for where, item in walk_encoded(node, name):
             if isinstance(item, dict) and item.get(TAG) == "array":
                 index = item.get("i")
                 if isinstance(index, int) and index not in found:
-                    found[index] = where
+                    found[index] = _labelled(where, labels)
     return found
+
+
+def _state_labels(name: str, node: Any) -> dict[str, str]:
+    """`initial_var_values[2]` -> `initial_var_values['label']` for each labelled state variable."""
+    if name not in ("initial_var_values", "final_var_values") or not isinstance(node, dict):
+        return {}
+    items = node.get("v") if node.get(TAG) in ("tuple", "list") else None
+    labels = {}
+    for position, item in enumerate(items if isinstance(items, list) else []):
+        fields = item.get("f") if isinstance(item, dict) else None
+        label = next(
+            (
+                field[1]
+                for field in (fields if isinstance(fields, list) else [])
+                if isinstance(field, list) and len(field) == 2 and field[0] == "label"
+            ),
+            None,
+        )
+        if isinstance(label, str):
+            # An archive's string: printable, short, quoted.
+            labels[f"{name}[{position}]"] = f"{name}[{_format.printable(label)[:80]!r}]"
+    return labels
+
+
+def _labelled(where: str, labels: dict[str, str]) -> str:
+    for prefix, named in labels.items():
+        if where == prefix or where.startswith((prefix + ".", prefix + "[")):
+            return named + where[len(prefix) :]
+    return where
 
 
 # ------------------------------------------------------------------ statistics
@@ -264,11 +301,13 @@ def array_statistics(desc: dict, raw: np.ndarray) -> dict:
             "mean": None,
             "nan": 0,
             "inf": 0,
+            "posinf": 0,
+            "neginf": 0,
         }
     dtype = dtype_from_name(desc["dtype"])
     values = raw.view(dtype).reshape(-1)
     kind = _value_kind(dtype)
-    nan = inf = count = 0
+    nan = inf = posinf = count = 0
     low = high = None
     total = 0.0
     for start in range(0, values.size, _STATS_CHUNK):
@@ -284,6 +323,7 @@ def array_statistics(desc: dict, raw: np.ndarray) -> dict:
             wide = chunk.astype(np.float64)
             nan += int(np.isnan(wide).sum())
             inf += int(np.isinf(wide).sum())
+            posinf += int(np.isposinf(wide).sum())
             finite = wide[np.isfinite(wide)]
         else:
             # Integers keep their exact extremes (numpy ints natively, so
@@ -304,7 +344,7 @@ def array_statistics(desc: dict, raw: np.ndarray) -> dict:
         mean = None  # the float64 sum overflowed; JSON has no Infinity
     if kind == "bool" and low is not None:
         low, high = bool(low), bool(high)
-    return {
+    stats = {
         "kind": desc["kind"],
         "dtype": desc["dtype"],
         "shape": list(desc["shape"]),
@@ -314,7 +354,28 @@ def array_statistics(desc: dict, raw: np.ndarray) -> dict:
         "mean": mean,
         "nan": nan,
         "inf": inf,
+        # +Inf and -Inf apart (a mask's -inf is not an overflow's +inf);
+        # complex values count only in "inf".
+        "posinf": posinf if kind != "complex" else 0,
+        "neginf": inf - posinf if kind != "complex" else 0,
     }
+    if values.size == 1 and kind != "complex":
+        stats["value"] = _scalar_value(values, kind)
+    return stats
+
+
+def _scalar_value(values: np.ndarray, kind: str) -> Any:
+    """The one value of a one-element array, for the table; JSON-safe ("nan", "inf", "-inf")."""
+    if kind == "float":
+        value = float(values.astype(np.float64)[0])
+        if math.isnan(value):
+            return "nan"
+        if math.isinf(value):
+            return "inf" if value > 0 else "-inf"
+        return value
+    if kind == "bool":
+        return bool(values[0])
+    return values.astype(np.int64)[0].item() if values.dtype.kind not in "iu" else values[0].item()
 
 
 def archive_statistics(opened: Any) -> list[dict]:
@@ -415,7 +476,11 @@ def _small_statistics(reader: Any, arrays: list[dict], indices: list[int]) -> di
                 "mean": mean if math.isfinite(mean) else None,
                 "nan": 0,
                 "inf": 0,
+                "posinf": 0,
+                "neginf": 0,
             }
+            if size == 1:
+                out[index]["value"] = lows[row]
     return out
 
 
@@ -433,12 +498,16 @@ def fill_statistics(desc: dict) -> dict:
         return {**array_statistics(desc, np.empty(0, np.uint8)), "fill": desc["fill"]}
     one = {**desc, "shape": [1], "nbytes": dtype_from_name(desc["dtype"]).itemsize}
     stats = array_statistics(one, filled(one))
+    if size != 1:
+        stats.pop("value", None)  # one element read, but the array holds many
     return {
         **stats,
         "shape": list(desc["shape"]),
         "size": size,
         "nan": stats["nan"] * size,
         "inf": stats["inf"] * size,
+        "posinf": stats["posinf"] * size,
+        "neginf": stats["neginf"] * size,
         "fill": desc["fill"],
     }
 
@@ -446,6 +515,8 @@ def fill_statistics(desc: dict) -> dict:
 def _number(value: Any) -> str:
     if value is None:
         return "-"
+    if value in ("nan", "inf", "-inf"):  # a one-element array's non-finite value
+        return value
     if isinstance(value, bool):
         return str(value)
     if isinstance(value, int):
@@ -453,30 +524,51 @@ def _number(value: Any) -> str:
     return f"{value:.4g}"
 
 
-def _clip_left(text: str, width: int) -> str:
-    return text if len(text) <= width else "..." + text[-(width - 3) :]
+def _wrap_path(text: str, width: int) -> list[str]:
+    """A keypath cut into lines of at most `width`, before a `.` or `[` where possible.
+
+    Never cut from the left: two arrays deep in different blocks would print
+    the same tail. Continuation lines are indented by two spaces.
+    """
+    width = max(width, 8)
+    lines: list[str] = []
+    while len(text) > width:
+        cut = max(text.rfind(".", 1, width), text.rfind("[", 1, width))
+        if cut <= (2 if lines else 0):
+            cut = width
+        lines.append(text[:cut])
+        text = "  " + text[cut:]
+    lines.append(text)
+    return lines
 
 
 def format_statistics(rows: list[dict]) -> str:
     """The per-array table `reprokit inspect` prints (at most 400 rows)."""
-    header = ("#", "where", "array", "min", "max", "mean", "NaN", "Inf")
+    header = ("#", "where", "array", "min", "max", "mean", "NaN", "+Inf", "-Inf")
     table = []
     for row in rows[:_MAX_TABLE_ROWS]:
         shape = ",".join(str(s) for s in row["shape"])
+        where = _wrap_path(row["where"], 56)
+        if "value" in row:
+            # One element: its value, NaN or Inf included, in place of min/max/mean.
+            stats = (f"= {_number(row['value'])}", "", "")
+        else:
+            stats = (_number(row["min"]), _number(row["max"]), _number(row["mean"]))
+        signed = "posinf" in row and (row["posinf"] + row["neginf"] == row["inf"])
+        infs = (str(row["posinf"]), str(row["neginf"])) if signed else (f"±{row['inf']}", "")
         table.append(
             (
                 str(row["index"]),
-                _clip_left(row["where"], 56),
+                where[0],
                 f"{row['dtype']}[{shape}]" + (f" ({row['fill']})" if row.get("fill") else ""),
-                _number(row["min"]),
-                _number(row["max"]),
-                _number(row["mean"]),
+                *stats,
                 str(row["nan"]),
-                str(row["inf"]),
+                *infs,
             )
         )
+        table += [("", more, "", "", "", "", "", "", "") for more in where[1:]]
     widths = [max(len(r[i]) for r in [header, *table]) for i in range(len(header))]
-    right = {0, 3, 4, 5, 6, 7}
+    right = {0, 3, 4, 5, 6, 7, 8}
 
     def line(cells: tuple[str, ...]) -> str:
         return "  ".join(
