@@ -986,8 +986,9 @@ def verify(archive, as_json, quiet, allow_modules, debug):
         )
         try:
             report = verify_archive(opened)
-            # Rendering the script needs jinja2, which the archive layer never imports.
-            script = replay_script_status(opened)
+            # Rendered in an isolated child: verify's own process loads no template
+            # engine (and no jax), while the archive is still read once, here.
+            script = replay_script_status(opened, isolated=True)
         finally:
             opened.close()
         if as_json:

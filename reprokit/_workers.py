@@ -90,26 +90,36 @@ def worker_env(env: dict | None = None, *, keep_cwd: bool = False) -> dict:
 
 
 def run_worker(
-    module: str, args: list[str], *, env: dict | None, timeout: float, keep_cwd: bool = False
+    module: str,
+    args: list[str],
+    *,
+    env: dict | None,
+    timeout: float,
+    keep_cwd: bool = False,
+    input: bytes | None = None,
 ) -> dict:
-    """Runs `python -I -m MODULE ARGS` (isolated) and returns the JSON object it printed last."""
+    """Runs `python -I -m MODULE ARGS` (isolated) and returns the JSON object it printed last.
+
+    `input`, if given, is the child's standard input (else it reads nothing).
+    """
     try:
         done = subprocess.run(
             python_command(module, args=args),
             capture_output=True,
-            text=True,
             env=worker_env(env, keep_cwd=keep_cwd),
             timeout=timeout,
-            stdin=subprocess.DEVNULL,
+            **({"input": input} if input is not None else {"stdin": subprocess.DEVNULL}),
         )
     except subprocess.TimeoutExpired:
         raise WorkerFailed(f"took longer than {timeout:.0f} s") from None
+    stdout = done.stdout.decode("utf-8", "replace")
+    stderr = done.stderr.decode("utf-8", "replace")
     try:
-        result = json.loads(done.stdout.strip().splitlines()[-1])
+        result = json.loads(stdout.strip().splitlines()[-1])
     except (ValueError, IndexError):
         if done.returncode < 0:
             raise WorkerFailed(f"the worker process crashed (signal {-done.returncode})") from None
-        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        last = (stderr.strip().splitlines() or ["no output"])[-1]
         raise WorkerFailed(" ".join(last.split())[:300]) from None
     if not isinstance(result, dict):
         raise WorkerFailed("printed JSON that is not an object")

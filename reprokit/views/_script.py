@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ast
 import functools
+import hashlib
 import math
 import os
 import re
@@ -124,7 +125,14 @@ def embedded_sources() -> list[str]:
 
 
 def render_replay_script(manifest: dict, tree: dict) -> str:
-    """The standalone replay script for an archive's manifest and encoded structure."""
+    """The standalone replay script for an archive's manifest and encoded structure.
+
+    The manifest is taken as it reads back from the archive (JSON, keys
+    sorted), so that pack renders byte for byte what `verify` renders later.
+    """
+    import json
+
+    manifest = json.loads(json.dumps(manifest, sort_keys=True))
     writer = _PythonWriter(tree["arrays"])
     parts = {name: writer.expression(node, 1) for name, node in tree["record"].items()}
     return (
@@ -145,22 +153,58 @@ def render_replay_script(manifest: dict, tree: dict) -> str:
     )
 
 
-def replay_script_status(opened: Any) -> str:
+def replay_script_status(opened: Any, *, isolated: bool = False) -> str:
     """Whether an opened archive's replay.py is what this reprokit renders from its record.
 
     "identical", "differs" or "absent". replay.py is the one member a
     maintainer may run by hand; an archive whose script differs from what
     the record renders to (hand-edited, or from another reprokit version)
     must be read before it is run (SECURITY.md, class 2). Imports no jax.
+
+    With `isolated`, the rendering runs in a child interpreter (`python -I`)
+    that gets the already-parsed manifest and structure on its standard
+    input and answers with the script's sha256: `verify` uses it so that its
+    own process loads no template engine, and the archive is still read once.
     """
     if _format.REPLAY_SCRIPT not in opened.reader:
         return "absent"
     data = opened.reader.read_bytes(_format.REPLAY_SCRIPT)
+    if isolated:
+        return _isolated_status(opened, hashlib.sha256(data).hexdigest())
     try:
         rendered = render_replay_script(opened.manifest, opened.structure).encode()
     except Exception:  # a record this version cannot render: the script is not ours
         return "differs"
     return "identical" if rendered == data else "differs"
+
+
+def _isolated_status(opened: Any, sha256: str) -> str:
+    from reprokit._workers import WorkerFailed, run_worker
+    from reprokit.archive._grammar import pack_bytes
+
+    request = pack_bytes({"manifest": opened.manifest, "structure": opened.structure})
+    try:
+        answer = run_worker("reprokit.views._script", [], env=None, timeout=120, input=request)
+    except WorkerFailed:
+        return "differs"
+    return "identical" if answer.get("sha256") == sha256 else "differs"
+
+
+def _render_main() -> int:
+    """`python -m reprokit.views._script` < msgpack{manifest, structure}: the rendered script's sha256."""
+    import json
+    import sys
+
+    from reprokit.archive._grammar import unpack_bytes
+
+    try:
+        request = unpack_bytes(sys.stdin.buffer.read())
+        script = render_replay_script(request["manifest"], request["structure"]).encode()
+        answer = {"sha256": hashlib.sha256(script).hexdigest()}
+    except Exception:  # a record this version cannot render: the script is not ours
+        answer = {"sha256": None}
+    print(json.dumps(answer))
+    return 0
 
 
 def replay_script_line(status: str) -> str | None:
@@ -359,3 +403,7 @@ def _float(value: float) -> str:
 def template_names() -> list[str]:
     """The templates shipped with reprokit."""
     return sorted(os.listdir(templates_dir()))
+
+
+if __name__ == "__main__":
+    raise SystemExit(_render_main())
