@@ -209,7 +209,22 @@ def _identity_regex(
     return re.compile("|".join(parts)), groups
 
 
+# The last identities found and what they were found from (the environment
+# and the user id): gathering them reads the password database and the host
+# name, ~1 ms, and pack scrubs thousands of strings (issue 17).
+_identities_seen: list = [None, None]
+
+
 def _identities() -> tuple[tuple[str, str], ...]:
+    key = (getattr(os, "getuid", lambda: None)(), tuple(os.environ.items()))
+    if _identities_seen[0] == key:
+        return _identities_seen[1]
+    found = _gather_identities()
+    _identities_seen[:] = [key, found]
+    return found
+
+
+def _gather_identities() -> tuple[tuple[str, str], ...]:
     # Earlier kinds win when one literal is several things (host == user).
     priority = {"secret": 0, "home": 1, "host": 2, "user": 3}
     found: dict[str, str] = {}

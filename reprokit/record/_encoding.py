@@ -218,6 +218,29 @@ class Decoder:
         self._allow = allow
         self._array = array
         self._nodes = 0
+        # Names resolved once per decoding: a record of 10,000 NamedArrays names
+        # the same few classes 10,000 times, and resolving imports and checks.
+        self._types: dict[str, Any] = {}
+        self._callables: dict[str, Any] = {}
+        self._plans: dict[str, tuple[Any, list[str], str]] = {}
+
+    def resolve_type(self, name: Any) -> Any:
+        """`_names.resolve_type` under this decoder's allow-list, once per name."""
+        if type(name) is not str:
+            return _names.resolve_type(self._allow, name)
+        cls = self._types.get(name)
+        if cls is None:
+            cls = self._types[name] = _names.resolve_type(self._allow, name)
+        return cls
+
+    def resolve_callable(self, name: Any) -> Any:
+        """`_names.resolve_callable` under this decoder's allow-list, once per name."""
+        if type(name) is not str:
+            return _names.resolve_callable(self._allow, name)
+        fn = self._callables.get(name)
+        if fn is None:
+            fn = self._callables[name] = _names.resolve_callable(self._allow, name)
+        return fn
 
     def decode(self, node: Any, depth: int = 0) -> Any:
         self._nodes += 1
@@ -261,11 +284,27 @@ class Decoder:
             pairs.append((key, self.decode(item[1], depth)))
         return pairs
 
-    def _obj(self, node: dict, depth: int) -> Any:
-        cls = _names.resolve_type(self._allow, node["type"])
+    def _plan(self, name: Any) -> tuple[Any, list[str], str]:
+        """(class, its field names, how to build it) for an `obj` node's type, once per name."""
+        plan = self._plans.get(name) if type(name) is str else None
+        if plan is not None:
+            return plan
+        cls = self.resolve_type(name)
         if not dataclasses.is_dataclass(cls):
-            raise RefusedTypeError(f"{node['type']!r} is not a dataclass")
-        expected = [f.name for f in dataclasses.fields(cls)]
+            raise RefusedTypeError(f"{name!r} is not a dataclass")
+        if getattr(cls, "from_attributes", None) is not None and _is_penzai_struct(cls):
+            build = "struct"
+        elif _flax.is_flax_module_class(cls):
+            build = "flax"
+        else:
+            build = "fields"
+        plan = (cls, [f.name for f in dataclasses.fields(cls)], build)
+        if type(name) is str:
+            self._plans[name] = plan
+        return plan
+
+    def _obj(self, node: dict, depth: int) -> Any:
+        cls, expected, build = self._plan(node["type"])
         given = node["f"]
         if (
             not isinstance(given, list)
@@ -273,10 +312,9 @@ class Decoder:
         ):
             raise ArchiveError(f"fields of {node['type']!r} in the archive do not match the class")
         values = {name: self.decode(value, depth) for name, value in given}
-        from_attributes = getattr(cls, "from_attributes", None)
-        if from_attributes is not None and _is_penzai_struct(cls):
-            return from_attributes(**values)
-        if _flax.is_flax_module_class(cls):
+        if build == "struct":
+            return cls.from_attributes(**values)
+        if build == "flax":
             return _flax.rebuild_module(cls, values)
         # Never run __init__/__post_init__: build the instance field by field.
         instance = object.__new__(cls)
@@ -285,7 +323,7 @@ class Decoder:
         return instance
 
     def _enum(self, node: dict, depth: int) -> Any:
-        cls = _names.resolve_type(self._allow, node["type"])
+        cls = self.resolve_type(node["type"])
         if not issubclass(cls, enum.Enum) or node["name"] not in cls.__members__:
             raise ArchiveError(f"archive names an unknown enum member of {node['type']!r}")
         return cls[node["name"]]
@@ -409,9 +447,9 @@ _HANDLERS: dict[str, Callable[[Decoder, dict, int], Any]] = {
     "scalar": lambda d, n, depth: d._scalar(n, depth),
     "obj": lambda d, n, depth: d._obj(n, depth),
     "enum": lambda d, n, depth: d._enum(n, depth),
-    "fn": lambda d, n, depth: _names.resolve_callable(d._allow, n["name"]),
+    "fn": lambda d, n, depth: d.resolve_callable(n["name"]),
     "partial": _partial,
-    "type": lambda d, n, depth: _names.resolve_type(d._allow, n["name"]),
+    "type": lambda d, n, depth: d.resolve_type(n["name"]),
     "jnp_type": _jnp_type,
     "np_type": _np_type,
     "dtype": _dtype,
