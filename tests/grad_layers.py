@@ -120,3 +120,31 @@ def positions(length: int = 5):
 def logits_loss(logits):
     """Mean squared logits: enough to push a cotangent through every position."""
     return jnp.mean(jnp.square(logits.unwrap(*logits.named_shape)))
+
+
+@jax.custom_vjp
+def fragile_double(x):
+    """2x with a custom VJP that raises: the forward pass runs, the backward pass fails."""
+    return 2.0 * x
+
+
+def _fragile_forward(x):
+    return 2.0 * x, None
+
+
+def _fragile_backward(_, cotangent):
+    raise ValueError("fragile_double has no backward rule here")
+
+
+fragile_double.defvjp(_fragile_forward, _fragile_backward)
+
+
+def fragile_model():
+    """Linear -> fragile_double (raises in its backward pass) -> Linear."""
+    return pz.nn.Sequential(
+        [
+            _linear("first", 0, {"features": 3}, {"hidden": 4}),
+            pz.nn.Elementwise(fragile_double),
+            _linear("second", 1, {"hidden": 4}, {"out": 2}),
+        ]
+    )

@@ -148,6 +148,21 @@ def test_sqrt_archive_replays_with_run_and_standalone_replay_py(tmp_path):
     assert "backward pass that makes NaN/Inf" in issue and "| backward pass |" in issue
 
 
+@pytest.mark.parametrize("jitted", [False, True])
+def test_check_exception_names_the_layer_whose_backward_pass_raised(jitted):
+    model = grad_layers.fragile_model()
+    model = Jitted(model) if jitted else model
+    result = reprokit.search(
+        model, grad_layers.rows(), grad=grad_layers.squared_loss, check="exception"
+    )
+    assert result.keypath.endswith("Sequential.sublayers[1]")
+    assert result.found_by["raised_in"] == "backward pass"
+    assert result.found_by["exception"]["type"] == "builtins.ValueError"
+    assert "raised in its backward pass" in result.report
+    with pytest.raises(CaptureError, match="backward pass is not supported yet"):
+        result.pack("unused.repro.zip", quiet=True)
+
+
 # ------------------------------------------------------------------ jnp.where trap, under Jitted
 
 
