@@ -917,6 +917,23 @@ class ArchiveReader:
         array[:] = np.frombuffer(data, dtype=np.uint8)
         return array
 
+    def verify_members(self, names: list[str]) -> None:
+        """`verify_member` for each of `names`; small stored members are read in batches."""
+        batch: list[str] = []
+        batch_bytes = 0
+        for name in names:
+            member = self._member(name)
+            if member.method == _STORED and member.size <= _COALESCE_MAX:
+                batch.append(name)
+                batch_bytes += member.size
+                if batch_bytes >= _CHUNK:  # what a batch holds in memory at once
+                    self.read_small_members(batch)
+                    batch, batch_bytes = [], 0
+            else:
+                self.verify_member(name)
+        if batch:
+            self.read_small_members(batch)
+
     def read_small_members(self, names: list[str]) -> list[memoryview]:
         """The bytes of small stored members, in the order of `names`, each CRC-checked.
 

@@ -164,15 +164,22 @@ def named(tree: Any) -> Iterator[str]:
     """Every class and function name (`module:qualname`) a tree names, in walk order."""
     # `walk` without its paths: building a path string per node is most of a walk's cost.
     stack = [tree]
+    pop, extend = stack.pop, stack.extend
     while stack:
-        node = stack.pop()
-        if isinstance(node, dict):
-            name = named_class(node) or named_function(node)
-            if name is not None:
-                yield name
-        elif not isinstance(node, list):
+        node = pop()
+        if isinstance(node, list):
+            extend(reversed(node))
             continue
-        stack.extend(reversed(child_nodes(node)))
+        if not isinstance(node, dict):
+            continue
+        tag = node.get(TAG)
+        if tag == "array":  # most nodes of a big record: no name, no children
+            continue
+        key = _CLASS_NAME_KEY.get(tag) or _FUNCTION_NAME_KEY.get(tag)
+        name = node.get(key) if key else None
+        if isinstance(name, str):
+            yield name
+        extend(reversed(child_nodes(node)))
 
 
 def pack_bytes(node: Any) -> bytes:

@@ -216,7 +216,11 @@ _identities_seen: list = [None, None]
 
 
 def _identities() -> tuple[tuple[str, str], ...]:
-    key = (getattr(os, "getuid", lambda: None)(), tuple(os.environ.items()))
+    # os.environ's raw mapping where CPython has one: iterating os.environ
+    # itself decodes every variable, which cost more than the scrubbing.
+    raw = getattr(os.environ, "_data", None)
+    environ = tuple(raw.items()) if isinstance(raw, dict) else tuple(os.environ.items())
+    key = (getattr(os, "getuid", lambda: None)(), environ)
     if _identities_seen[0] == key:
         return _identities_seen[1]
     found = _gather_identities()
@@ -261,9 +265,26 @@ def scrub_text(text: str) -> str:
     """
     if not text:
         return text
-    regex, groups = _identity_regex(_identities())
+    identities = _identities()
+    # Short strings repeat (a record's dtype names, thousands of times): scrubbed
+    # once while the identities they were scrubbed against stay the same.
+    memo = _scrubbed_short if len(text) <= _SHORT_TEXT else None
+    if memo is not None:
+        if memo[0] is not identities:
+            memo[:] = [identities, {}]
+        done = memo[1].get(text)
+        if done is not None:
+            return done
+    original = text
+    regex, groups = _identity_regex(identities)
     if regex is not None:
         text = regex.sub(lambda match: groups[match.lastgroup or ""], text)
     for pattern, replacement in _FREE_TEXT_RULES:
         text = pattern.sub(replacement, text)
+    if memo is not None and len(memo[1]) < 4096:
+        memo[1][original] = text
     return text
+
+
+_SHORT_TEXT = 64
+_scrubbed_short: list = [None, {}]

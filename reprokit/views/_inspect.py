@@ -399,7 +399,16 @@ def archive_statistics(opened: Any) -> list[dict]:
             small.append(index)
         else:
             found[index] = array_statistics(desc, opened.reader.read_aligned(member))
-    found.update(_small_statistics(opened.reader, arrays, small))
+    # In batches of a few MiB: what is read at once stays small, however many arrays.
+    batch: list[int] = []
+    batch_bytes = 0
+    for index in small:
+        batch.append(index)
+        batch_bytes += arrays[index]["nbytes"]
+        if batch_bytes >= _BATCH_TOTAL:
+            found.update(_small_statistics(opened.reader, arrays, batch))
+            batch, batch_bytes = [], 0
+    found.update(_small_statistics(opened.reader, arrays, batch))
     return [
         {"index": index, "where": where.get(index, "(unused)"), **found[index]}
         for index in sorted(found)
@@ -409,6 +418,7 @@ def archive_statistics(opened: Any) -> list[dict]:
 # Arrays up to this size are read in batches and summarised together: an
 # archive of 100,000 small arrays cost a read and a dozen numpy calls each.
 _BATCH_BYTES = 1 << 16
+_BATCH_TOTAL = 8 << 20
 # Integer sums go through float64 the way `array_statistics` does them only
 # up to numpy's cast buffer; longer integer rows take the one-by-one path.
 _BATCH_INT_ELEMENTS = 8192
