@@ -76,6 +76,12 @@ def _full_cotangent(output: Any, cotangent: list) -> Any:
     import numpy as np
 
     leaves, treedef = jax.tree_util.tree_flatten(output)
+    wanted = sum(jnp.issubdtype(leaf.dtype, jnp.inexact) for leaf in leaves)
+    if wanted != len(cotangent):
+        raise ValueError(
+            f"the recorded cotangent has {len(cotangent)} arrays; the layer's output has "
+            f"{wanted} inexact leaves"
+        )
     given = iter(cotangent)
     full = []
     for leaf in leaves:
