@@ -196,7 +196,7 @@ def test_norm_at_padding_row_in_a_llamalike_transformer(tmp_path):
     _assert_gradient_reproduced(out, tmp_path, "grad_layers")
 
 
-def test_norm_at_padding_row_inside_a_layer_stack():
+def test_norm_at_padding_row_inside_a_layer_stack(tmp_path):
     model = grad_layers.llamalike_with_pad_row(layer_stack=True)
     result = reprokit.search(
         model, grad_layers.padded_tokens(), side_inputs=_llama_side(), grad=grad_layers.logits_loss
@@ -204,6 +204,12 @@ def test_norm_at_padding_row_inside_a_layer_stack():
     assert result.layer_type == "grad_layers.UnitNorm"
     assert result.found_by["block"] == 0 and result.call_index == 0
     assert "LayerStack" in result.keypath
+    # Inside the scan the cotangent is shipped out of the backward pass; the record replays under jit.
+    out = tmp_path / "stack.repro.zip"
+    packed = result.pack(out, allow_modules=["grad_layers"], check=False, quiet=True)
+    assert packed.mode == "jit" and packed.call_count == 2
+    code, verdict = run_json("run", out, "--allow-module", "grad_layers")
+    assert code == 0 and verdict["reproduced"] is True
 
 
 # ------------------------------------------------------------------ the command line
