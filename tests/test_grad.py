@@ -163,6 +163,23 @@ def test_check_exception_names_the_layer_whose_backward_pass_raised(jitted):
         result.pack("unused.repro.zip", quiet=True)
 
 
+def test_pack_with_grad_records_the_selected_layer_and_refuses_a_nonfinite_cotangent(tmp_path):
+    model = grad_layers.sqrt_model()
+    sqrt = pz.select(model).at(lambda m: m.sublayers[2])
+    packed = reprokit.pack(
+        sqrt, grad_layers.rows(), grad=grad_layers.squared_loss, out=tmp_path / "sqrt.repro.zip",
+        check=False, quiet=True,
+    )
+    assert packed.signature["kind"] == "nonfinite_grad" and packed.keypath == "Sequential.sublayers[2]"
+    # The square only turns the sqrt's Inf into NaN: what reaches it is already non-finite.
+    square = pz.select(model).at(lambda m: m.sublayers[1])
+    with pytest.raises(CaptureError, match="already non-finite"):
+        reprokit.pack(
+            square, grad_layers.rows(), grad=grad_layers.squared_loss,
+            out=tmp_path / "square.repro.zip", check=False, quiet=True,
+        )
+
+
 # ------------------------------------------------------------------ jnp.where trap, under Jitted
 
 

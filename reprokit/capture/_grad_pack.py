@@ -162,6 +162,17 @@ def pack_grad(
             f"the layer raised {record.exception['type']} in its forward pass; pack it without grad="
         )
     cotangent = output_cotangent(selection, argument, side_inputs, call_index, run_mode, loss)
+    arriving = {"nan": 0, "posinf": 0, "neginf": 0}
+    for array in cotangent:
+        for name, count in nonfinite_counts(np.asarray(array)).items():
+            arriving[name] += count
+    if any(arriving.values()):
+        raise CaptureError(
+            "the cotangent reaching this layer's output is already non-finite "
+            f"({arriving['nan']} NaN, {arriving['posinf'] + arriving['neginf']} Inf): a layer "
+            "after it in the forward pass made the NaN; reprokit.find(model, x, grad=loss) "
+            "finds it"
+        )
     grad_record = record_backward(record, cotangent, mode)
     outcome = gradient_outcome(
         outcome_from_call(record.output, record.final_var_values, None), grad_record.gradients
