@@ -57,6 +57,8 @@ class FindResult:
       argument, side_inputs: the model's inputs the search ran on (`pack`
         runs the model on them again).
       mode: the `mode` the search ran the model in (None: as it is).
+      grad: the loss of a gradient search (`grad=`), kept in-process so that
+        `.pack()` records the layer's backward pass too; None otherwise.
     """
 
     selection: Any
