@@ -19,7 +19,14 @@ medians:
   `reprokit verify` / `inspect`;
 * pack's size fitting (`--max-size 25MB`: deflate where it pays) on
   NaN-filled and zero-heavy weights;
-* how pack and load grow with the number of leaves (10 -> 10,000).
+* how pack and load grow with the number of leaves (10 -> 10,000);
+* issue 17's targets, each a ratio of methods timed interleaved in one
+  worker: a small layer's pack(check=False) vs one eager forward + one jit
+  lowering; the self-check vs one `reprokit run`; `run` vs the backend-start
+  floor; pack/load of 10,000 leaves (plain and NamedArrays in a dict) vs
+  np.savez/np.load, and at 20,000 (linear growth); a 1,000-layer pack vs
+  forward + np.savez; find(check="mismatch") vs one forward; `inspect` of
+  100,000 arrays (seconds, and memory at 50,000 vs 100,000).
 
 It prints Markdown tables of ratios and writes everything to
 `benchmarks/results.json`. Each measurement runs in a worker process
@@ -28,6 +35,7 @@ cold, RAM is warmed and peak RSS is taken.
 
     python -m benchmarks            # default: 16 MiB, 256 MiB, 1 GiB (< 5 min on 2 cores)
     python benchmarks/run.py --quick
+    python -m benchmarks --only-round2 [--round2 fixed,perleaf,find,inspect]
 """
 
 from __future__ import annotations
