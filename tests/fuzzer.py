@@ -454,7 +454,9 @@ def _as_json(value: Any) -> Any:
 def _dump_json(manifest: dict) -> str:
     try:
         return json.dumps(manifest, allow_nan=True, default=_as_json)
-    except RecursionError:  # nested too deeply for json itself: write it by hand
+    except (RecursionError, ValueError):
+        # Nested too deeply for json itself, or a mutation made the tree
+        # contain itself (json refuses cycles): write a deep one by hand.
         return '{"format": "reprokit", "format_version": 1, "x": ' + "[" * 5000 + "]" * 5000 + "}"
 
 
