@@ -13,8 +13,9 @@ import os
 
 import models
 import pytest
-from conftest import run_reprokit, subprocess_env
+from conftest import TESTS, run_reprokit, subprocess_env
 from penzai import pz
+from test_cli import SCRIPT_WITH_LOCAL_CLASS
 
 import reprokit
 
@@ -55,9 +56,17 @@ def archives(tmp_path_factory):
         )
     finally:
         sys.path.remove(str(source))
+    script = folder / "local.py"
+    script.write_text(SCRIPT_WITH_LOCAL_CLASS.format(tests=str(TESTS)))
     garbage = folder / "garbage.repro.zip"
     garbage.write_bytes(b"PK\x03\x04 not really a zip")
-    return {"mod": out, "garbage": garbage, "missing": folder / "missing.repro.zip", "dir": folder}
+    return {
+        "mod": out,
+        "garbage": garbage,
+        "missing": folder / "missing.repro.zip",
+        "dir": folder,
+        "script": script,
+    }
 
 
 CASES = [
@@ -72,6 +81,8 @@ CASES = [
     (["issue", "{garbage}"], 3),
     (["env", "--diff", "{garbage}"], 3),
     (["pack", "nowhere.py:make_call", "--select", "x"], 2),
+    # A class defined in the script cannot be packed (exit 4).
+    (["pack", "{script}:make_call", "--select", "Sequential.sublayers[1]", "-o", "x.repro.zip"], 4),
 ]
 
 
