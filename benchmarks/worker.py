@@ -770,36 +770,50 @@ def task_perleaf(args: dict) -> dict:
         ("named", _named_dict_case(count)),
         ("plain_double", _leafy_identity(2 * count)),
     ]
+    # Every method of every case in one interleaved loop: the N and 2N rows
+    # (linear growth) are only comparable if load drifts hit both alike.
+    methods: dict[str, Callable[[], Any]] = {}
+    records = {}
     for name, case in cases:
-        record = _first_record(case)
+        record = records[name] = _first_record(case)
         arrays = record_arrays(record)
-        paths = {
-            "pack": os.path.join(folder, f"perleaf-{name}.repro.zip"),
-            "npz": os.path.join(folder, f"perleaf-{name}.npz"),
-        }
+        pack_path = os.path.join(folder, f"perleaf-{name}.repro.zip")
+        npz_path = os.path.join(folder, f"perleaf-{name}.npz")
 
-        def do_pack(case=case, out=paths["pack"]) -> Any:
+        def do_pack(case=case, out=pack_path) -> Any:
             return reprokit.pack(case.selection(), case.argument, out=out, check=False, quiet=True)
 
         do_pack()
-        npz_write(paths["npz"], arrays)
-        methods: dict[str, Callable[[], Any]] = {
-            "pack": do_pack,
-            "npz": lambda a=arrays, p=paths["npz"]: npz_write(p, a),
-            "load": lambda p=paths["pack"]: reprokit.load(p),
-            "npz_load": lambda p=paths["npz"]: npz_read(p),
-        }
-        row: dict[str, Any] = {"leaves": len(arrays), "times": _interleaved(methods, reps)}
+        npz_write(npz_path, arrays)
+        methods.update(
+            {
+                f"{name}/pack": do_pack,
+                f"{name}/npz": lambda a=arrays, p=npz_path: npz_write(p, a),
+                f"{name}/load": lambda p=pack_path: reprokit.load(p),
+                f"{name}/npz_load": lambda p=npz_path: npz_read(p),
+            }
+        )
+        rows[name] = {"leaves": len(arrays), "times": {}}
+    times = _interleaved(methods, reps)
+    for key, values in times.items():
+        name, method = key.split("/")
+        rows[name]["times"][method] = values
+    for name, _ in cases:
         start = time.perf_counter()
-        _stablehlo.export_layer(_write._record_parts(record))
-        row["stablehlo_s"] = time.perf_counter() - start
-        rows[name] = row
-        for path in paths.values():
+        _stablehlo.export_layer(_write._record_parts(records[name]))
+        rows[name]["stablehlo_s"] = time.perf_counter() - start
+        for path in (
+            os.path.join(folder, f"perleaf-{name}.repro.zip"),
+            os.path.join(folder, f"perleaf-{name}.issue.md"),
+            os.path.join(folder, f"perleaf-{name}.npz"),
+        ):
             _remove(path)
-            _remove(path.removesuffix(".repro.zip") + ".issue.md")
-        del case, record, arrays
-        gc.collect()
-        _log(f"perleaf {name}: " + ", ".join(f"{k} {median(v):.3f}s" for k, v in row["times"].items()))
+        _log(
+            f"perleaf {name}: "
+            + ", ".join(f"{k} {median(v):.3f}s" for k, v in rows[name]["times"].items())
+        )
+    del cases, records, methods
+    gc.collect()
 
     layers = args.get("layers", 1000)
     case = build_leafy(layers)
@@ -860,21 +874,45 @@ def task_find(args: dict) -> dict:
     return {"times": _interleaved({"find": mismatch, "forward": forward}, args.get("repeats", 5))}
 
 
-def _peak_child_rss(command: list[str]) -> tuple[float, int]:
-    """(wall seconds, peak RSS in bytes) of one child process."""
+# Runs the CLI, then reports the process's own peak RSS (VmHWM starts afresh
+# at exec; the rusage of a child also counts the forked parent's pages).
+_CLI_WITH_PEAK = """
+import sys
+sys.argv = ["reprokit", *sys.argv[1:]]
+from reprokit._cli import main
+try:
+    main()
+except SystemExit as done:
+    code = done.code
+else:
+    code = 0
+with open("/proc/self/status") as status:
+    peak = next(line.split()[1] for line in status if line.startswith("VmHWM:"))
+print(f"PEAK_KIB {peak}", file=sys.stderr)
+sys.exit(code)
+"""
+
+
+def _peak_child_rss(arguments: list[str]) -> tuple[float, int]:
+    """(wall seconds, peak RSS in bytes) of one `reprokit ARGUMENTS` process."""
     import subprocess
 
     start = time.perf_counter()
-    process = subprocess.Popen(
-        command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL
+    done = subprocess.run(
+        [sys.executable, "-c", _CLI_WITH_PEAK, *arguments],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        text=True,
     )
-    _, status, usage = os.wait4(process.pid, 0)
     elapsed = time.perf_counter() - start
-    process.returncode = os.waitstatus_to_exitcode(status)
-    error = process.stderr.read().decode(errors="replace") if process.stderr else ""
-    if process.returncode:
-        raise RuntimeError(f"{command[-2:]} exited {process.returncode}: {error[-500:]}")
-    return elapsed, usage.ru_maxrss * 1024
+    if done.returncode:
+        raise RuntimeError(f"{arguments[-2:]} exited {done.returncode}: {done.stderr[-500:]}")
+    peak = next(
+        (int(line.split()[1]) for line in done.stderr.splitlines() if line.startswith("PEAK_KIB")),
+        0,
+    )
+    return elapsed, peak * 1024
 
 
 def task_inspect(args: dict) -> dict:
@@ -913,15 +951,7 @@ def task_inspect(args: dict) -> dict:
         # An archive of N arrays has N + 5 members; the default limit (100,000
         # members) refuses 100,000 arrays, so the benchmark raises it as a
         # maintainer who trusts the archive would.
-        command = [
-            sys.executable,
-            "-m",
-            "reprokit",
-            "inspect",
-            "--max-members",
-            str(count + 100),
-            out,
-        ]
+        command = ["inspect", "--max-members", str(count + 100), out]
         _peak_child_rss(command)  # page cache and bytecode warm
         runs = [_peak_child_rss(command) for _ in range(reps)]
         rows.append(
@@ -937,7 +967,7 @@ def task_inspect(args: dict) -> dict:
         del argument, case, capture, record
         gc.collect()
     # The floor of a fresh process importing reprokit's CLI (peak RSS baseline).
-    base = [_peak_child_rss([sys.executable, "-m", "reprokit", "--help"]) for _ in range(reps)]
+    base = [_peak_child_rss(["--help"]) for _ in range(reps)]
     return {"rows": rows, "base_times": [t for t, _ in base], "base_rss": [r for _, r in base]}
 
 
