@@ -66,6 +66,21 @@ def _counts_text(counts: dict | None) -> str:
     return ", ".join(parts) if parts else "finite"
 
 
+def _traced_counts(leaves: list) -> jax.Array:
+    """NaN, +Inf, -Inf counts over the float leaves, as one reduction (few ops to compile)."""
+    parts = []
+    for leaf in leaves:
+        if not _is_inexact(leaf):
+            continue
+        for part in (jnp.real(leaf), jnp.imag(leaf)) if jnp.iscomplexobj(leaf) else (leaf,):
+            flat = part.reshape(-1)
+            parts.append(jnp.stack([jnp.isnan(flat), flat == jnp.inf, flat == -jnp.inf]))
+    if not parts:
+        return jnp.zeros((3,), jnp.int32)
+    joined = parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=1)
+    return jnp.sum(joined, axis=1, dtype=jnp.int32)
+
+
 def _host_counts(leaves: list) -> np.ndarray:
     """NaN, +Inf, -Inf counts of concrete arrays: on the host for CPU arrays, else on device."""
     if not all(_on_cpu(leaf) for leaf in leaves):
@@ -143,24 +158,71 @@ class _GradSession(_Session):
         self.backward_python: list[tuple[str, int]] = []
         # Per layer: whether its argument has inexact leaves, and its own parameters' labels.
         self.produced: dict[int, tuple[bool, list[str]]] = {}
+        # Traced calls that returned before their parent call did.
+        self.orphans: list[_Call] = []
         self.sequence = 0
 
     def release(self) -> None:
         super().release()
-        self.backward, self.backward_python = {}, []
+        self.backward, self.backward_python, self.orphans = {}, [], []
 
-    def emit_forward(self, kind: str, site: int, leaves: list) -> None:
+    def forward_enter(self, site: int, leaves: list) -> Any:
+        """Notes what a call received; returns what `forward_exit` needs (None when eager)."""
         # Under an eager jax.grad the values are JVP tracers, but their primals
         # are concrete: stop_gradient hands them over, and the forward summary
         # is taken as for an eager pass (no callback, no op on a tracer).
         primals = [jax.lax.stop_gradient(leaf) if _is_inexact(leaf) else leaf for leaf in leaves]
         if not tracing() and not any(isinstance(p, jax.core.Tracer) for p in primals):
-            self.emit(kind, site, primals)
+            self.emit("enter", site, primals)
+            return None
+        # Traced: one event per call, sent on exit with both summaries (each
+        # ordered callback costs compile time; the tree is rebuilt from the
+        # static layer nesting, see `_on_traced_call`).
+        return _traced_counts(primals)
+
+    def forward_exit(self, site: int, received: Any, leaves: list) -> None:
+        """Notes what a call returned (`received`: what `forward_enter` returned)."""
+        primals = [jax.lax.stop_gradient(leaf) if _is_inexact(leaf) else leaf for leaf in leaves]
+        if received is None:
+            self.emit("exit", site, primals)
             return
         self._traced_events = True
-        payload = _device_counts(primals)
-        callback = functools.partial(self._on_event, kind, site, True)
-        jax.debug.callback(callback, payload, ordered=True)
+        payload = jnp.stack([received, _traced_counts(primals)])
+        jax.debug.callback(
+            functools.partial(self._on_traced_call, site), payload, ordered=True
+        )
+
+    def _on_traced_call(self, site: int, counts: Any) -> None:
+        """One traced call, reported when it returned (post-order).
+
+        Its sublayer calls returned before it, and each layer's calls nest
+        in its parent layer's calls: the calls of the parent layer that have
+        returned and are not yet claimed by a parent are exactly its children.
+        """
+        try:
+            (received, returned) = (
+                dict(zip(("nan", "posinf", "neginf"), (int(v) for v in row), strict=True))
+                for row in np.asarray(counts)
+            )
+            call = _Call(site=site, index=self.counts[site], parent=None)
+            self.counts[site] += 1
+            call.received, call.returned = received, returned
+            waiting = []
+            for child in self.orphans:
+                if self.sites[child.site].parent == site:
+                    child.parent = call
+                else:
+                    waiting.append(child)
+            parent_site = self.sites[site].parent
+            if self.stack and self.stack[-1].site == parent_site:
+                call.parent = self.stack[-1]  # an eager caller (penzai's Jitted inside)
+            elif parent_site is not None:
+                waiting.append(call)
+            self.orphans = waiting
+            self.calls.append(call)
+            self.returned.append(call)
+        except Exception as error:  # a callback must not raise into XLA
+            self.problem = self.problem or f"{type(error).__name__}: {error}"
 
     def on_backward(self, kind: str, site: int, groups: list[list]) -> None:
         """Called from a tap's backward pass with the cotangents, grouped (argument, or per label)."""
@@ -170,7 +232,7 @@ class _GradSession(_Session):
         ):
             self._on_backward(kind, site, *[_host_counts(group) for group in groups])
             return
-        payload = [_device_counts(group) for group in groups]
+        payload = [_traced_counts(group) for group in groups]
         jax.debug.callback(
             functools.partial(self._on_backward, kind, site), *payload, ordered=True
         )
@@ -195,7 +257,7 @@ class _GradProbe(_Probe):
         session = self.session
         site = self.site
         python_index = session.note_python_call(site)
-        session.emit_forward("enter", site, _received(self.wrapped, argument, side_inputs))
+        received = session.forward_enter(site, _received(self.wrapped, argument, side_inputs))
         argument, layer = self._tapped_inputs(argument)
         try:
             output = layer(argument, **side_inputs)
@@ -204,7 +266,7 @@ class _GradProbe(_Probe):
         except Exception as error:
             session.on_raise(site, python_index, error)
             raise
-        session.emit_forward("exit", site, _plain_leaves(output))
+        session.forward_exit(site, received, _plain_leaves(output))
         out_leaves = inexact_leaves(output)
         if out_leaves:
             tapped = tap(out_leaves, lambda g: session.on_backward("out", site, [g]))

@@ -164,8 +164,8 @@ def pack_grad(
     cotangent = output_cotangent(selection, argument, side_inputs, call_index, run_mode, loss)
     arriving = {"nan": 0, "posinf": 0, "neginf": 0}
     for array in cotangent:
-        for name, count in nonfinite_counts(np.asarray(array)).items():
-            arriving[name] += count
+        for name, number in nonfinite_counts(np.asarray(array)).items():
+            arriving[name] += number
     if any(arriving.values()):
         raise CaptureError(
             "the cotangent reaching this layer's output is already non-finite "
