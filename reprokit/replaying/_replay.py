@@ -10,6 +10,7 @@ recorded mode, and judge the outcome against the recorded signature.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import os
 from typing import Any
 
@@ -88,17 +89,26 @@ def load_archive(
     `source` is a path, opened here under `limits`, or an archive the caller
     opened already (with `trust.modules`), which is closed when this returns.
     """
-    if isinstance(source, OpenedArchive):
-        opened = source
-    else:
-        opened = open_archive(source, limits, allow_modules=trust.modules)
+    # The cyclic collector is paused while the archive is opened and the
+    # record rebuilt: each full collection walks everything alive, which made
+    # loading many small arrays grow faster than their count (pack pauses it too).
+    collecting = gc.isenabled()
+    gc.disable()
     try:
-        _check_memory(opened.structure["arrays"])
-        _flax.require_flax(opened.structure, opened.manifest)
-        with _bundle.admitted(opened, trust) as allowed:
-            return _decode(opened, AllowList(allowed), config_overrides or {}, mesh)
+        if isinstance(source, OpenedArchive):
+            opened = source
+        else:
+            opened = open_archive(source, limits, allow_modules=trust.modules)
+        try:
+            _check_memory(opened.structure["arrays"])
+            _flax.require_flax(opened.structure, opened.manifest)
+            with _bundle.admitted(opened, trust) as allowed:
+                return _decode(opened, AllowList(allowed), config_overrides or {}, mesh)
+        finally:
+            opened.close()
     finally:
-        opened.close()
+        if collecting:
+            gc.enable()
 
 
 def available_memory() -> int | None:
