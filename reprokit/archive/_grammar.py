@@ -237,8 +237,8 @@ def unpack_bytes(data: bytes, *, containers: int | None = None) -> Any:
     # each few hundred allocations (a flood of a million lists took 26 s);
     # what msgpack builds holds no cycles, so it is paused while parsing.
     collecting = gc.isenabled()
-    gc.disable()
     try:
+        gc.disable()  # inside the try: a signal can never leave it disabled
         return msgpack.unpackb(
             data,
             raw=False,
