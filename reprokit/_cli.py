@@ -636,8 +636,6 @@ def run(
         from reprokit.replaying._replay import load_archive, replay_loaded
 
         loaded = load_archive(opened, trust, mesh=mesh)
-        # Only for an archive that loaded: a refusal stays the one line on stderr.
-        _warn_if_replay_script_differs(script)
         verdict = replay_loaded(loaded, stablehlo=stablehlo)
         if notes:
             verdict = _with_notes(verdict, notes)
@@ -650,6 +648,8 @@ def run(
             )
         if sweep:
             extras["sweep"] = _variants.sweep(archive, loaded, trust, limits=_limits())
+        # Only once there is a verdict: a refusal or a replay error stays the one line on stderr.
+        _warn_if_replay_script_differs(script)
         if as_json:
             payload = verdict.as_dict()
             if "sweep" in extras:

@@ -98,7 +98,12 @@ def test_every_verb_has_json_and_quiet(verb):
 def test_json_and_quiet_together_are_a_usage_error(args):
     result = CliRunner().invoke(main, [*args, "--json", "--quiet"])
     assert result.exit_code == 2
-    assert result.output.strip() == "reprokit: error: choose one of --json and --quiet"
+    assert result.stderr.strip() == "reprokit: error: choose one of --json and --quiet"
+    # With --json, stdout holds one JSON object on every exit code (issue 13).
+    assert json.loads(result.stdout) == {
+        "error": "choose one of --json and --quiet",
+        "exit_code": 2,
+    }
 
 
 def test_quiet_prints_nothing(x64_archive):
