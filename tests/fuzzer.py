@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import copy
 import dataclasses
 import io
 import json
@@ -305,7 +306,10 @@ def _deep(depth: int) -> Any:
 def _random_value(rng: random.Random) -> Any:
     if rng.random() < 0.5:
         return _hostile_node(rng)
-    return rng.choice(_PALETTE)
+    # A copy: a palette entry put into one case's tree and mutated in place by
+    # a later case would grow across cases (and come to contain itself), until
+    # a run of 10,000 cases needed 22 GB.
+    return copy.deepcopy(rng.choice(_PALETTE))
 
 
 def _slots(tree: Any) -> list[tuple[Any, Any]]:
