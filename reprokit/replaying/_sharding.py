@@ -27,6 +27,7 @@ from typing import Any
 
 from reprokit._errors import ReplayError, UsageError
 
+
 @dataclasses.dataclass(frozen=True)
 class MeshRequest:
     """What the maintainer asked for with `--mesh` (kind: auto, recorded, single or named)."""
