@@ -7,55 +7,20 @@ error or a machine that cannot replay must still give them
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 
-import models
 import pytest
 from conftest import TESTS, run_reprokit, subprocess_env
-from penzai import pz
 from test_cli import SCRIPT_WITH_LOCAL_CLASS
-
-import reprokit
-
-MYMOD = """
-import dataclasses
-import jax.numpy as jnp
-from penzai import pz
-
-
-@pz.pytree_dataclass
-class Exploding(pz.nn.Layer):
-    axis: str = dataclasses.field(metadata={"pytree_node": False})
-
-    def __call__(self, x, /, **side_inputs):
-        return pz.nx.nmap(jnp.exp)(x * 300.0)
-"""
+from user_module import pack_user_layer
 
 
 @pytest.fixture(scope="module")
 def archives(tmp_path_factory):
     folder = tmp_path_factory.mktemp("json")
-    source = folder / "src"
-    source.mkdir()
-    (source / "json_errors_mod.py").write_text(MYMOD)
-    import sys
-
-    sys.path.insert(0, str(source))
-    try:
-        mod = importlib.import_module("json_errors_mod")
-        model = pz.nn.Sequential([models.mlp(), mod.Exploding(axis="features")])
-        out = folder / "mod.repro.zip"
-        reprokit.pack(
-            pz.select(model).at_instances_of(mod.Exploding),
-            models.mlp_input(),
-            out=out,
-            check=False,
-            quiet=True,
-        )
-    finally:
-        sys.path.remove(str(source))
+    out = folder / "mod.repro.zip"
+    pack_user_layer(folder, "json_errors_mod", "Exploding", 300.0, out)
     script = folder / "local.py"
     script.write_text(SCRIPT_WITH_LOCAL_CLASS.format(tests=str(TESTS)))
     garbage = folder / "garbage.repro.zip"

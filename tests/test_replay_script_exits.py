@@ -7,54 +7,21 @@ ModuleNotFoundError traceback and exit 1, which its own header defines as
 
 from __future__ import annotations
 
-import importlib
 import os
 import subprocess
 import sys
 import zipfile
 
-import models
 import pytest
 from conftest import subprocess_env
-from penzai import pz
-
-import reprokit
-
-MYMOD = """
-import dataclasses
-import jax.numpy as jnp
-from penzai import pz
-
-
-@pz.pytree_dataclass
-class Blowup(pz.nn.Layer):
-    axis: str = dataclasses.field(metadata={"pytree_node": False})
-
-    def __call__(self, x, /, **side_inputs):
-        return pz.nx.nmap(jnp.exp)(x * 500.0)
-"""
+from user_module import pack_user_layer
 
 
 @pytest.fixture(scope="module")
 def unpacked(tmp_path_factory):
     folder = tmp_path_factory.mktemp("replay_exits")
-    source = folder / "src"
-    source.mkdir()
-    (source / "replay_exits_mod.py").write_text(MYMOD)
-    sys.path.insert(0, str(source))
-    try:
-        mod = importlib.import_module("replay_exits_mod")
-        model = pz.nn.Sequential([models.mlp(), mod.Blowup(axis="features")])
-        out = folder / "blowup.repro.zip"
-        reprokit.pack(
-            pz.select(model).at_instances_of(mod.Blowup),
-            models.mlp_input(),
-            out=out,
-            check=False,
-            quiet=True,
-        )
-    finally:
-        sys.path.remove(str(source))
+    out = folder / "blowup.repro.zip"
+    source = pack_user_layer(folder, "replay_exits_mod", "Blowup", 500.0, out)
     repro = folder / "repro"
     zipfile.ZipFile(out).extractall(repro)
     return repro, source
