@@ -18,35 +18,28 @@ Not a test; bounded to well under a minute on 2 CPU cores.
 
 from __future__ import annotations
 
+import sys
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 from penzai import pz
-from penzai.models.transformer.variants import llamalike_common
 from penzai.toolshed.jit_wrapper import Jitted
 
 import reprokit
+
+if __package__ in (None, ""):  # `python benchmarks/bench_grad.py`
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.bench_find_watch import build as tiny_llamalike  # noqa: E402
 
 SEQ = 16
 
 
 def build(blocks: int = 3):
     """The transformer with the gradient fault planted."""
-    config = llamalike_common.LlamalikeTransformerConfig(
-        num_kv_heads=1,
-        query_head_multiplier=2,
-        embedding_dim=16,
-        projection_dim=8,
-        mlp_hidden_dim=32,
-        num_decoder_blocks=blocks,
-        vocab_size=32,
-        mlp_variant="swiglu",
-        tie_embedder_and_logits=False,
-        parameter_dtype=jnp.float32,
-        activation_dtype=jnp.float32,
-    )
-    model = llamalike_common.build_llamalike_transformer(config, init_base_rng=jax.random.key(0))
+    model = tiny_llamalike(blocks)
     table = pz.select(model).at_instances_of(pz.nn.EmbeddingTable).get_sequence()[0]
     data = table.embeddings.value.unwrap("vocabulary", "embedding")
     table.embeddings.value = pz.nx.wrap(data.at[0].set(0.0), "vocabulary", "embedding")
