@@ -467,7 +467,9 @@ def _dump_json(manifest: dict) -> str:
 def _dump_msgpack(structure: dict) -> bytes:
     try:
         return msgpack.packb(structure, use_bin_type=True)
-    except ValueError:  # nested too deeply for msgpack itself: write it by hand
+    except (ValueError, OverflowError):
+        # Nested too deeply for msgpack itself, or an int mutated past 64 bits
+        # that msgpack cannot write: write a deep structure by hand.
         return b"\x82\xa6record\x81\xa8submodel" + b"\x91" * 5000 + b"\xc0\xa6arrays\x90"
 
 
