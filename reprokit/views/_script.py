@@ -156,7 +156,8 @@ def render_replay_script(manifest: dict, tree: dict) -> str:
 def replay_script_status(opened: Any, *, isolated: bool = False) -> str:
     """Whether an opened archive's replay.py is what this reprokit renders from its record.
 
-    "identical", "differs" or "absent". replay.py is the one member a
+    "identical", "differs", "absent", or (isolated only) "unchecked" when the
+    rendering child did not answer. replay.py is the one member a
     maintainer may run by hand; an archive whose script differs from what
     the record renders to (hand-edited, or from another reprokit version)
     must be read before it is run (SECURITY.md, class 2). Imports no jax.
@@ -186,7 +187,8 @@ def _isolated_status(opened: Any, sha256: str) -> str:
     try:
         answer = run_worker("reprokit.views._script", [], env=None, timeout=120, input=request)
     except WorkerFailed:
-        return "differs"
+        # The child could not answer (killed, timed out): say so, never guess.
+        return "unchecked"
     return "identical" if answer.get("sha256") == sha256 else "differs"
 
 
@@ -216,6 +218,11 @@ def replay_script_line(status: str) -> str | None:
         return (
             f"replay.py in this archive differs from what reprokit {version} renders: "
             "read it before running it"
+        )
+    if status == "unchecked":
+        return (
+            f"replay.py could not be compared with what reprokit {version} renders "
+            "(the rendering process did not answer): read it before running it"
         )
     return None
 
