@@ -67,6 +67,19 @@ class _NameRules:
             self._allow.check_callable_name(name)
 
 
+def _name_value_pairs(items: Any, *, public: bool = False) -> bool:
+    """Whether `items` is a list of [identifier, value] pairs (fields, keyword arguments)."""
+    return isinstance(items, list) and all(
+        isinstance(item, list)
+        and len(item) == 2
+        and isinstance(item[0], str)
+        and item[0].isascii()
+        and item[0].isidentifier()
+        and not (public and item[0].startswith("_"))
+        for item in items
+    )
+
+
 def _malformed(tag: str, why: str) -> ArchiveError:
     return ArchiveError(f"structure has a malformed {tag!r} node ({why})")
 
@@ -151,14 +164,7 @@ def _check_record_tree(
         elif tag == "obj":
             rules.type_name(node["type"])
             fields = node["f"]
-            if not isinstance(fields, list) or not all(
-                isinstance(field, list)
-                and len(field) == 2
-                and isinstance(field[0], str)
-                and field[0].isascii()
-                and field[0].isidentifier()
-                for field in fields
-            ):
+            if not _name_value_pairs(fields):
                 raise _malformed(tag, "its fields are not name-value pairs")
             if len({field[0] for field in fields}) != len(fields):
                 raise _malformed(tag, "a field appears twice")
@@ -175,14 +181,7 @@ def _check_record_tree(
             args, keywords = node["args"], node["kw"]
             if not isinstance(args, list):
                 raise _malformed(tag, "its arguments are not a list")
-            if not isinstance(keywords, list) or not all(
-                isinstance(item, list)
-                and len(item) == 2
-                and isinstance(item[0], str)
-                and item[0].isascii()
-                and item[0].isidentifier()
-                for item in keywords
-            ):
+            if not _name_value_pairs(keywords):
                 raise _malformed(tag, "its keywords are not name-value pairs")
         elif tag == "initializer":
             if node["factory"] not in INITIALIZER_FACTORIES:
@@ -191,15 +190,7 @@ def _check_record_tree(
                     "not on reprokit's allow-list"
                 )
             keywords = node["kw"]
-            if not isinstance(keywords, list) or not all(
-                isinstance(item, list)
-                and len(item) == 2
-                and isinstance(item[0], str)
-                and item[0].isascii()
-                and item[0].isidentifier()
-                and not item[0].startswith("_")
-                for item in keywords
-            ):
+            if not _name_value_pairs(keywords, public=True):
                 raise _malformed(tag, "its keywords are not name-value pairs")
         elif tag == "type":
             rules.type_name(node["name"])

@@ -205,6 +205,16 @@ def _normalize_message(message: str) -> str:
     return _PATH.sub("<path>", _ADDRESS.sub("0x…", text))
 
 
+def _finite_again(rows: list[dict], leaves: list[dict]) -> list[str]:
+    """Paths of recorded non-finite leaves that the replay found finite."""
+    by_path = {row["path"]: row for row in rows}
+    return [
+        leaf["path"]
+        for leaf in leaves
+        if not any(by_path.get(leaf["path"], {}).get("nonfinite_replayed", {}).values())
+    ]
+
+
 def judge(signature: dict, recorded: dict, replayed: dict) -> dict:
     """Compares a replayed outcome with the recorded one and decides if the issue reproduced."""
     verdict: dict[str, Any] = {"signature": signature, "error_metric": ERROR_METRIC}
@@ -231,12 +241,7 @@ def judge(signature: dict, recorded: dict, replayed: dict) -> dict:
     elif exception is not None:
         reproduced, reason = False, f"raised {exception['type']}: {exception['message']}"
     elif kind == "nonfinite":
-        rows = {row["path"]: row for row in verdict["output"]}
-        missing = [
-            leaf["path"]
-            for leaf in signature["leaves"]
-            if not any(rows.get(leaf["path"], {}).get("nonfinite_replayed", {}).values())
-        ]
+        missing = _finite_again(verdict["output"], signature["leaves"])
         reproduced = not missing
         reason = (
             "non-finite values in "
@@ -245,12 +250,7 @@ def judge(signature: dict, recorded: dict, replayed: dict) -> dict:
             else "finite where it was non-finite: " + ", ".join(p or "output" for p in missing)
         )
     elif kind == "nonfinite_grad":
-        rows = {row["path"]: row for row in verdict["gradients"]}
-        missing = [
-            leaf["path"]
-            for leaf in signature["leaves"]
-            if not any(rows.get(leaf["path"], {}).get("nonfinite_replayed", {}).values())
-        ]
+        missing = _finite_again(verdict["gradients"], signature["leaves"])
         reproduced = not missing
         reason = (
             "gradient issue: the layer's backward pass turned the recorded (finite) output "
