@@ -95,3 +95,68 @@ def test_packing_with_secrets_set_leaks_none_of_them(tmp_path):
     manifest = zipfile.ZipFile(out).read("manifest.json").decode()
     assert "--xla_cpu_enable_fast_math=false" in manifest
     assert "leaky_layers.py" in manifest  # traceback kept, made relative
+
+
+WORKING_MODULE = textwrap.dedent(
+    """
+    import jax.numpy as jnp
+    from penzai import pz
+
+    @pz.pytree_dataclass
+    class Doubler(pz.nn.Layer):
+        def __call__(self, x, /, **side_inputs):
+            return pz.nx.nmap(jnp.tanh)(x) * 2.0
+    """
+)
+
+PACK_WORKING = textwrap.dedent(
+    """
+    import sys, zipfile
+    sys.path.insert(0, {tests!r})
+    from penzai import pz
+    import models, reprokit, working_layers
+    model = pz.nn.Sequential([models.mlp(), working_layers.Doubler()])
+    sel = pz.select(model).at_instances_of(working_layers.Doubler)
+    reprokit.pack(sel, models.mlp_input(), out={out!r}, check=False)
+    from jax._src.interpreters import mlir
+    from jax._src.lib import _jax
+    blob = zipfile.ZipFile({out!r}).read("stablehlo.mlirbc")
+    with mlir.make_ir_context():
+        module = _jax.mlir.deserialize_portable_artifact(blob)
+        print(module.operation.get_asm(enable_debug_info=True))
+    """
+)
+
+
+def test_stablehlo_module_keeps_lines_but_no_paths(tmp_path):
+    """The exported module names no file: no home, user or project (SECURITY.md, class 5).
+
+    jax writes each operation's file, line and function into the module; pack
+    exports with every file name emptied, keeping lines and function names.
+    """
+    home = tmp_path / "home" / USER
+    project = home / "projects" / "secret-model"
+    project.mkdir(parents=True)
+    (project / "working_layers.py").write_text(WORKING_MODULE)
+    out = tmp_path / "ok.repro.zip"
+    env = subprocess_env(HOME=str(home), USER=USER, PYTHONPATH=f"{project}:{TESTS}")
+    result = run_python(PACK_WORKING.format(tests=str(TESTS), out=str(out)), cwd=project, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    text = result.stdout
+    assert "stablehlo." in text and 'loc("":' in text  # line numbers kept, file names empty
+    assert ".py" not in text and "secret-model" not in text and USER not in text
+    for name, data in _members_decompressed(out):
+        for private in (str(home), USER, "secret-model"):
+            assert private.encode() not in data, f"{private!r} leaked into {name}"
+
+
+def test_fallback_strip_drops_every_location_jax_wrote():
+    """`without_locations` (used when a file name survives the export) leaves no path."""
+    import jax
+    import jax.numpy as jnp
+
+    from reprokit.record._stablehlo import _PYTHON_FILE, without_locations
+
+    exported = jax.export.export(jax.jit(lambda x: jnp.tanh(x) * 2))(jnp.ones(3))
+    assert _PYTHON_FILE in exported.mlir_module_serialized  # jax names this test file
+    assert _PYTHON_FILE not in without_locations(exported)

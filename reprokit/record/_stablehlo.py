@@ -37,6 +37,9 @@ _SAFE_CUSTOM_CALL_PREFIXES = (
     "mhlo.",
     "stablehlo.",
 )
+# Every file-based location names a Python file; MLIR bytecode keeps its
+# strings as they are, so any path that survives shows up in the bytes.
+_PYTHON_FILE = b".py"
 _CUSTOM_CALL = re.compile(r"custom_call\s*@([\w.$-]+)|call_target_name\s*=\s*\"([^\"]*)\"")
 
 
@@ -114,25 +117,50 @@ def export_layer(record: dict) -> tuple[bytes | None, dict]:
             jax.random.key_data(leaves[i]) if impl is not None else leaves[i]
             for i, impl in slots
         ]
-        exported = jax.export.export(jax.jit(flat_call))(*arguments)
+        with _source_files_unnamed():
+            exported = jax.export.export(jax.jit(flat_call))(*arguments)
     except Exception as error:  # lowering is best effort: the archive is useful without it
         return None, {"error": " ".join(f"{type(error).__name__}: {error}".split())[:300]}
     try:
-        module = without_locations(exported)
+        module = exported.mlir_module_serialized
+        if _PYTHON_FILE in module:  # a location jax named despite the regex: drop them all
+            module = without_locations(exported)
     except Exception as error:  # never ship the reporter's paths instead
         return None, {
             "error": "could not strip source locations from the StableHLO module: "
             + " ".join(f"{type(error).__name__}: {error}".split())[:200]
         }
+    names: dict = {}
     meta = {
-        "in_avals": [_aval_json(a) for a in exported.in_avals],
-        "out_avals": [_aval_json(a) for a in exported.out_avals],
+        "in_avals": [_aval_json(a, names) for a in exported.in_avals],
+        "out_avals": [_aval_json(a, names) for a in exported.out_avals],
         "platforms": list(exported.platforms),
         "calling_convention_version": exported.calling_convention_version,
         "module_kept_var_idx": list(exported.module_kept_var_idx),
         "uses_global_constants": bool(exported.uses_global_constants),
     }
     return module, meta
+
+
+def _source_files_unnamed():
+    """A context in which jax writes every source location with an empty file name.
+
+    jax rewrites the file of each location with
+    `jax_hlo_source_file_canonicalization_regex`; set to `.*` for this
+    thread and only while exporting (the reporter's config is back as it
+    was on exit), it removes the whole path, leaving line, column and
+    function names. This replaced printing and re-parsing the module without
+    debug information, which cost a small layer's pack as much as the
+    lowering itself.
+    """
+    import contextlib
+
+    try:
+        from jax._src import config
+
+        return config.hlo_source_file_canonicalization_regex(".*")
+    except Exception:  # a jax without the option: `without_locations` runs instead
+        return contextlib.nullcontext()
 
 
 def without_locations(exported: Any) -> bytes:
@@ -143,7 +171,9 @@ def without_locations(exported: Any) -> bytes:
     folder, user name and project (SECURITY.md, class 5). Printing the module
     without debug information and parsing that text again leaves only
     locations into that text (`loc("-":12:5)`); it is then serialized the way
-    `jax.export` serializes (same StableHLO compatibility window).
+    `jax.export` serializes (same StableHLO compatibility window). The
+    fallback for a module in which a file name survived
+    `_source_files_unnamed`: three passes over the module, so not the default.
     """
     from jax._src.export import _export
     from jax._src.interpreters import mlir
@@ -155,8 +185,12 @@ def without_locations(exported: Any) -> bytes:
         return _export._module_to_bytecode(bare)
 
 
-def _aval_json(aval) -> list:
-    return [list(aval.shape), aval.dtype.name, bool(aval.weak_type)]
+def _aval_json(aval, names: dict) -> list:
+    # numpy computes `dtype.name` anew on each access: once per dtype, not per argument.
+    name = names.get(aval.dtype)
+    if name is None:
+        name = names[aval.dtype] = aval.dtype.name
+    return [list(aval.shape), name, bool(aval.weak_type)]
 
 
 def _parse_in_child(blob: bytes, meta: dict) -> None:
