@@ -8,6 +8,7 @@ imports neither jax nor penzai: `reprokit inspect` and `verify` use it.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -43,7 +44,9 @@ def array_member(index: int) -> str:
     return f"arrays/{index}.bin"
 
 
+@functools.cache
 def reprokit_version() -> str:
+    """This reprokit's version (read once: the metadata lookup parses files, ~1 ms)."""
     from importlib import metadata
 
     try:
@@ -123,6 +126,30 @@ def check_manifest(manifest: Any) -> dict:
     _expect(manifest, "modules", list, lambda v: all(isinstance(m, str) for m in v))
     _check_details(manifest)
     return manifest
+
+
+# Lists in the manifest with one entry per array or argument: kept on one line
+# each, so that the manifest's size and the time to write it do not grow
+# sixfold with the leaf count (indented JSON is also written by Python's slow
+# encoder, not the C one).
+_LONG_LISTS = (("stablehlo", "in_avals"), ("stablehlo", "out_avals"))
+
+
+def manifest_text(manifest: dict) -> str:
+    """The manifest as stored: indented JSON, keys sorted, per-argument lists on one line each."""
+    import uuid
+
+    short = {key: dict(value) if isinstance(value, dict) else value for key, value in manifest.items()}
+    spliced = {}
+    for section, field in _LONG_LISTS:
+        if isinstance(short.get(section), dict) and field in short[section]:
+            marker = f"reprokit-{uuid.uuid4().hex}"
+            spliced[json.dumps(marker)] = json.dumps(short[section][field], sort_keys=True)
+            short[section][field] = marker
+    text = json.dumps(short, indent=1, sort_keys=True)
+    for marker, value in spliced.items():
+        text = text.replace(marker, value, 1)
+    return text
 
 
 def parse_manifest(data: bytes) -> dict:

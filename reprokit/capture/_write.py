@@ -239,7 +239,12 @@ def write_archive(
             from reprokit.record import _stablehlo
 
             stablehlo = _stablehlo.export_layer(_record_parts(record))
-        stablehlo_bytes, manifest["stablehlo"] = stablehlo[0], _scrubbed(dict(stablehlo[1]))
+        # The calling convention's shapes and dtype names are jax's, never the
+        # reporter's text: only the rest (an error message) can quote a path.
+        stablehlo_bytes, manifest["stablehlo"] = stablehlo[0], {
+            key: value if key in ("in_avals", "out_avals") else _scrubbed(value)
+            for key, value in stablehlo[1].items()
+        }
     for key, value in (extra_manifest or {}).items():
         if key in manifest:
             raise ValueError(f"extra manifest field {key!r} collides with a format field")
@@ -430,7 +435,7 @@ def _write(
 
     structure = _encoding.pack_bytes(tree)
     with ArchiveWriter(out) as writer:
-        writer.add_bytes(_format.MANIFEST, json.dumps(manifest, indent=1, sort_keys=True).encode())
+        writer.add_bytes(_format.MANIFEST, _format.manifest_text(manifest).encode())
         writer.add_bytes(_format.STRUCTURE, structure)
         total = sum(data.nbytes for data in arrays if data is not None)
         with progress(total, "writing arrays", threshold=_PROGRESS_BYTES) as advance:
