@@ -147,7 +147,9 @@ _FILE_TYPES = {
 class Limits:
     """Hard limits checked before anything is read; defaults sane, raisable by flags."""
 
-    max_members: int = 100_000
+    # An archive of N arrays has N + 5 members or so: 200,000 admits the
+    # 100,000 arrays that `structure.msgpack`'s own cap allows (~80 bytes each).
+    max_members: int = 200_000
     # Manifest, structure and text members are read fully into memory.
     max_small_member_bytes: int = 64 * 2**20
     # Sum of the declared uncompressed sizes of all members.
