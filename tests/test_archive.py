@@ -18,6 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from reprokit._errors import ArchiveError
+from reprokit.archive import _container
 from reprokit.archive._container import (
     ALIGNMENT,
     ArchiveReader,
@@ -687,3 +688,180 @@ def test_deflated_members_are_read_aligned_too(tmp_path):
         array = reader.read_aligned("arrays/0.bin")
         assert array.ctypes.data % 64 == 0
         assert array.view(np.float32).tobytes() == data.tobytes()
+
+
+# -- the column-at-a-time path agrees with the entry-by-entry one ------------------
+
+
+def _outcome(path, limits: Limits | None = None):
+    """What a reader makes of `path`: its members and their bytes, or its refusal."""
+    try:
+        with ArchiveReader(path, limits) as reader:
+            members = [reader._member(name) for name in reader.names]
+            data = {}
+            for name in reader.names:
+                try:
+                    data[name] = reader.read_bytes(name)
+                except ArchiveError as exc:
+                    data[name] = str(exc)
+            return "opened", members, data
+    except ArchiveError as exc:
+        return "refused", str(exc)
+
+
+def _both_ways(path, monkeypatch, limits: Limits | None = None):
+    """(outcome, outcome with the plain path switched off, whether the plain path answered)."""
+    answered = []
+    plain = _container._plain_members
+
+    def spy(*args):
+        table = plain(*args)
+        answered.append(table is not None)
+        return table
+
+    with monkeypatch.context() as patch:
+        patch.setattr(_container, "_plain_members", spy)
+        fast = _outcome(path, limits)
+        patch.setattr(_container, "_plain_members", lambda *args: None)
+        careful = _outcome(path, limits)
+    return fast, careful, any(answered)
+
+
+def _plain_archive(path) -> None:
+    with ArchiveWriter(path) as writer:
+        writer.add_bytes("manifest.json", _text(100_000), compress=True)
+        writer.add_buffer("arrays/0.bin", np.arange(5, dtype=np.float32))
+        writer.add_buffer("arrays/1.bin", b"")
+        writer.add_bytes("code/pkg/mod.py", b"x = 1\n")
+
+
+def test_plain_archives_open_the_same_either_way(tmp_path, monkeypatch):
+    path = tmp_path / "plain.zip"
+    with ArchiveWriter(path) as writer:
+        writer.add_bytes("manifest.json", _text(200_000), compress=True)
+        # A large member between small ones: its data is skipped, not read.
+        for index in range(50):
+            writer.add_buffer(f"arrays/{index}.bin", _payload(index * 37 % 300, index))
+        writer.add_buffer("arrays/big.bin", _payload(300_000))
+        writer.add_buffer("arrays/empty.bin", b"")
+        writer.add_bytes("a b/.hidden/x...y", b"names may hold spaces and dots")
+    fast, careful, answered = _both_ways(path, monkeypatch)
+    assert answered and fast[0] == "opened"
+    assert fast == careful
+
+
+@pytest.mark.parametrize(
+    "name", ["naïve.txt", "tab\tname", "back\\slash", "c:drive", "./dot", "a//b", "a/../b", "x/"]
+)
+def test_other_names_are_left_to_the_careful_path(tmp_path, monkeypatch, name):
+    path = tmp_path / "odd.zip"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("arrays/0.bin", b"0123")
+        archive.writestr(name, b"data")
+    fast, careful, answered = _both_ways(path, monkeypatch)
+    assert not answered
+    assert fast == careful
+
+
+def test_zip64_and_utf8_archives_open_the_same_either_way(tmp_path, monkeypatch):
+    path = tmp_path / "zip64.zip"
+    with ArchiveWriter(path, zip64_threshold=64) as writer:
+        writer.add_buffer("arrays/0.bin", _payload(10))
+        writer.add_buffer("arrays/1.bin", _payload(1000))
+        writer.add_bytes("naïve.txt", b"utf-8 name")
+    fast, careful, answered = _both_ways(path, monkeypatch)
+    assert not answered and fast[0] == "opened"
+    assert fast == careful
+
+
+@pytest.mark.parametrize(
+    "limits",
+    [
+        Limits(max_name_length=12),
+        Limits(max_total_bytes=100_020),
+        Limits(max_compression_ratio=1.5),
+        Limits(max_members=3),
+    ],
+)
+def test_limits_refuse_the_same_either_way(tmp_path, monkeypatch, limits):
+    path = tmp_path / "plain.zip"
+    _plain_archive(path)
+    fast, careful, _ = _both_ways(path, monkeypatch, limits)
+    assert fast == careful and fast[0] == "refused"
+
+
+def test_every_changed_header_byte_is_judged_the_same_either_way(tmp_path, monkeypatch):
+    """Each byte of every local header, central record and end record, changed:
+    the plain path must accept exactly what the careful path accepts, and
+    leave the refusal (and its message) to it."""
+    original = tmp_path / "plain.zip"
+    _plain_archive(original)
+    data = original.read_bytes()
+    with ArchiveReader(original) as reader:
+        members = [reader._member(name) for name in reader.names]
+    headers = set()
+    for member in members:
+        headers.update(range(member.header_offset, member.data_offset))
+    cd_start = members[-1].data_offset + members[-1].compressed_size
+    headers.update(range(cd_start, len(data)))
+    path = tmp_path / "changed.zip"
+    opened = 0
+    for position in sorted(headers):
+        for value in {0x00, 0xFF, data[position] ^ 0x01, ord("/"), ord(".")} - {data[position]}:
+            path.write_bytes(data[:position] + bytes([value]) + data[position + 1 :])
+            fast, careful, _ = _both_ways(path, monkeypatch)
+            assert fast == careful, (position, value)
+            opened += fast[0] == "opened"
+    assert opened  # some changes (times, a CRC's effect on reading) are not refused at open
+
+
+def _many_small(path) -> None:
+    with ArchiveWriter(path) as writer:
+        writer.add_bytes("manifest.json", _text(5000), compress=True)
+        for index in range(40):
+            writer.add_buffer(f"arrays/{index}.bin", _payload(100 + 50 * index, index))
+        writer.add_buffer("arrays/big.bin", _payload(3000))
+
+
+def _corrupt(path, reader_names, *names) -> None:
+    with ArchiveReader(path) as reader:
+        offsets = [reader._member(name).data_offset for name in names]
+    data = bytearray(path.read_bytes())
+    for offset in offsets:
+        data[offset] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def _batch_outcome(call):
+    try:
+        result = call()
+    except (ArchiveError, ValueError) as exc:
+        return type(exc).__name__, str(exc)
+    return None if result is None else [bytes(view) for view in result]
+
+
+@pytest.mark.parametrize(
+    "corrupted",
+    [(), ("arrays/7.bin",), ("arrays/big.bin", "arrays/3.bin"), ("arrays/30.bin", "arrays/2.bin")],
+)
+def test_batch_reads_match_member_by_member_reads(tmp_path, monkeypatch, corrupted):
+    # A small _CHUNK makes several batches and spans, and members too large for one.
+    monkeypatch.setattr(_container, "_CHUNK", 1000)
+    path = tmp_path / "small.zip"
+    _many_small(path)
+    _corrupt(path, None, *corrupted)
+    with ArchiveReader(path) as reader:
+        names = [name for name in reader.names if name.startswith("arrays/")]
+        shuffled = names[::-1][:25] + names[:10] + ["manifest.json"] + names[5:8]
+        for chosen in (names, shuffled, reader.names, [], ["arrays/1.bin", "no/such.bin"]):
+            assert _batch_outcome(lambda c=chosen: reader.read_small_members(c)) == _batch_outcome(
+                lambda c=chosen: reader._read_small_members_each(c)
+            )
+            assert _batch_outcome(lambda c=chosen: reader.verify_members(c)) == _batch_outcome(
+                lambda c=chosen: reader._verify_members_each(c)
+            )
+    reader.close()
+    assert _batch_outcome(lambda: reader.read_small_members(names)) == (
+        "ValueError",
+        "this archive is closed",
+    )
