@@ -196,6 +196,7 @@ def write_archive(
     if sig["kind"] == "exception":
         sig["message"] = _format.printable(scrub_text(sig["message"]))
     arrays: list[Any] = []
+    modules: set[str] = set()
     tree = _encode_record(
         record,
         arrays,
@@ -203,6 +204,7 @@ def write_archive(
         all_fills=bool(spec) or limit is not None or options.compress,
         module_aliases=aliases,
         describe_array=describe_array,
+        modules_out=modules,
     )
     manifest = {
         "format": _format.FORMAT_NAME,
@@ -222,7 +224,7 @@ def write_archive(
             _format.printable(scrub_text(line))
             for line in (record.exception or {}).get("traceback", [])
         ],
-        "modules": sorted(_needed_modules(tree["record"])),
+        "modules": sorted(modules),
         "arrays": {"count": len(arrays), "bytes": sum(d["nbytes"] for d in tree["arrays"])},
         "environment": capture_environment(),
         "contents": _contents(record, redaction),
@@ -259,7 +261,7 @@ def write_archive(
     members = [*(bundle.files if bundle is not None else ()), *extra_members]
     # The self-check replays as a maintainer who allows the reporter's modules
     # (named or found in the record) and, for bundled code, trusts it.
-    reporter = _reporter_modules(tree["record"], allow)
+    reporter = _reporter_modules(modules, allow)
     trust = (
         TrustPolicy(allow + reporter, trust_code=bundle is not None and bool(bundle.files))
         if options.check
@@ -313,6 +315,7 @@ def _encode_record(
     all_fills: bool = False,
     module_aliases: dict[str, str] | None = None,
     describe_array: Any = None,
+    modules_out: set[str] | None = None,
 ) -> dict:
     """Encodes a call; `arrays` receives each payload (None for an array stored as a fill).
 
@@ -321,6 +324,7 @@ def _encode_record(
     any size with `all_fills` (when redacting or fitting a size, where every
     byte counts). `module_aliases` renames script modules (`--bundle-code`);
     `describe_array` replaces `_arrays.describe` (a None payload: stored elsewhere).
+    `modules_out` receives the user modules the record names (not the allow-list's).
     """
     seen: dict[int, int] = {}
     descriptors: list[dict] = []
@@ -349,16 +353,21 @@ def _encode_record(
         )
         for name, value in parts.items()
     }
+    # One walk of the tree for the user modules it names (the manifest's
+    # `modules`, the reporter's own modules): it is the size of the record.
+    modules = _needed_modules(encoded)
     # Refuse at pack time what the loader would refuse at replay time, but for
     # the reporter's own modules: their code on their machine is trusted.
     try:
         _encoding.decode_tree(
             {"$t": "tuple", "v": list(encoded.values())},
-            _allowlist.AllowList(allow + _reporter_modules(encoded, allow)),
+            _allowlist.AllowList(allow + _reporter_modules(modules, allow)),
             lambda i: None,
         )
     except Exception as error:
         raise CaptureError(f"the record would not load again: {error}") from None
+    if modules_out is not None:
+        modules_out.update(modules)
     return {"record": encoded, "arrays": descriptors}
 
 
@@ -372,8 +381,8 @@ def _needed_modules(record: dict) -> set[str]:
     }
 
 
-def _reporter_modules(record: dict, allow: tuple[str, ...]) -> tuple[str, ...]:
-    """The reporter's own modules the encoded record names that `allow` does not cover.
+def _reporter_modules(needed: set[str], allow: tuple[str, ...]) -> tuple[str, ...]:
+    """The reporter's own modules among `needed` (an encoded record's) that `allow` does not cover.
 
     Imported in this process and admissible by `--allow-module` (never the
     standard library, jax, numpy, penzai or flax): the reporter's code on the
@@ -384,7 +393,7 @@ def _reporter_modules(record: dict, allow: tuple[str, ...]) -> tuple[str, ...]:
 
     allowed = _allowlist.AllowList(allow)
     found = []
-    for module in sorted(_needed_modules(record)):
+    for module in sorted(needed):
         if allowed.allows_module(module) or module not in sys.modules:
             continue
         if module.split(".")[0] in ("penzai", "flax") or not _allowlist.is_public_module(module):
