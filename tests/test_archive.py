@@ -807,7 +807,7 @@ def test_every_changed_header_byte_is_judged_the_same_either_way(tmp_path, monke
     path = tmp_path / "changed.zip"
     opened = 0
     for position in sorted(headers):
-        for value in {0x00, 0xFF, data[position] ^ 0x01, ord("/"), ord(".")} - {data[position]}:
+        for value in {0x00, data[position] ^ 0x01, ord("/")} - {data[position]}:
             path.write_bytes(data[:position] + bytes([value]) + data[position + 1 :])
             fast, careful, _ = _both_ways(path, monkeypatch)
             assert fast == careful, (position, value)

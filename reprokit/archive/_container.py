@@ -789,8 +789,9 @@ class _Table:
 
     __slots__ = ("columns", "index", "names", "raw_names")
 
-    def __init__(self, names: list[str], raw_names: list[bytes], columns: np.ndarray):
+    def __init__(self, names: list[str], raw_names: list[bytes] | None, columns: np.ndarray):
         self.names = names
+        # None: the names are ASCII, each its own raw name (the plain path).
         self.raw_names = raw_names
         self.index = dict(zip(names, itertools.count()))
         # int64, or object where a ZIP64 value does not fit (then batch
@@ -808,9 +809,9 @@ class _Table:
         return cls(list(members), [member.raw_name for member in values], columns)
 
     def member(self, position: int) -> _Member:
-        return _Member(
-            self.names[position], self.raw_names[position], *self.columns[:, position].tolist()
-        )
+        name = self.names[position]
+        raw_name = name.encode("ascii") if self.raw_names is None else self.raw_names[position]
+        return _Member(name, raw_name, *self.columns[:, position].tolist())
 
 
 class ArchiveReader:
@@ -1745,14 +1746,6 @@ assert _CENTRAL_RECORD.itemsize == _CENTRAL.size and _LOCAL_RECORD.itemsize == _
 _PLAIN_NAME_BYTE = np.zeros(256, dtype=bool)
 _PLAIN_NAME_BYTE[0x20:0x7F] = True
 _PLAIN_NAME_BYTE[[ord("\\"), ord(":")]] = False
-# An empty, '.' or '..' component in plain names held one per line, between
-# newlines: every such component, with the '/' or newline either side of it.
-_PLAIN_NAME_FLAWS = tuple(
-    before + component + after
-    for before in ("/", "\n")
-    for component in ("", ".", "..")
-    for after in ("/", "\n")
-)
 # The writer's longest alignment record: padding under 6 bytes grows by ALIGNMENT.
 _ALIGNMENT_RECORD_MAX = ALIGNMENT + _ALIGNMENT_RECORD_MIN - 1
 # Name bytes (entries times longest name) beyond which the plain path steps aside.
@@ -1841,16 +1834,24 @@ def _plain_members(
     lines[:, :longest] = name_rows
     keep = np.ones((count, longest + 1), dtype=bool)
     keep[:, :longest] = inside
-    text = lines[keep][:-1].tobytes()
-    joined = text.decode("ascii")
-    lined = f"\n{joined}\n"
-    if any(flaw in lined for flaw in _PLAIN_NAME_FLAWS):
+    text = lines[keep]
+    # An empty, '.' or '..' component (so also a leading or trailing '/', an
+    # empty name): "", "." or ".." between two delimiters, '/' or newline.
+    lined = np.concatenate([[ord("\n")], text])
+    delimiter = (lined == ord("/")) | (lined == ord("\n"))
+    dot = lined == ord(".")
+    if (
+        (delimiter[:-1] & delimiter[1:]).any()
+        or (delimiter[:-2] & dot[1:-1] & delimiter[2:]).any()
+        or (delimiter[:-3] & dot[1:-2] & dot[2:-1] & delimiter[3:]).any()
+    ):
         return None
-    names = joined.split("\n")
-    raw_names = text.split(b"\n")
+    names = text[:-1].tobytes().decode("ascii").split("\n")
 
     # Local headers, in file order: contiguous from offset 0 to the directory.
-    order = np.argsort(header_offset, kind="stable")
+    # (Pack writes the directory in file order: then nothing is reordered.)
+    in_order = bool((header_offset[1:] > header_offset[:-1]).all())
+    order = np.arange(count) if in_order else np.argsort(header_offset, kind="stable")
     offsets = header_offset[order]
     lengths = n[order]
     least_ends = offsets + _LOCAL.size + lengths + compressed_size[order]
@@ -1900,7 +1901,7 @@ def _plain_members(
             rows[first:last] = view(block, width)[offsets[first:last] - start]
 
     local = rows[:, : _LOCAL.size].copy().view(_LOCAL_RECORD)[:, 0]
-    ordered = fields[order]
+    ordered = fields if in_order else fields[order]
     extra_length = local["extra_length"].astype(np.int64)
     same = (local["signature"] == _SIG_LOCAL) & (local["name_length"] == lengths)
     for column in ("needed", "flags", "method", "time", "date", "crc", "compressed_size", "size"):
@@ -1917,12 +1918,10 @@ def _plain_members(
     aligned = np.flatnonzero(extra_length)
     if len(aligned):
         at = _LOCAL.size + lengths[aligned]
-        record = rows[aligned]
-        picks = np.arange(len(aligned))
 
         def u16(column: np.ndarray) -> np.ndarray:
-            return record[picks, column].astype(np.int64) | (
-                record[picks, column + 1].astype(np.int64) << 8
+            return rows[aligned, column].astype(np.int64) | (
+                rows[aligned, column + 1].astype(np.int64) << 8
             )
 
         record_length = extra_length[aligned]
@@ -1932,12 +1931,18 @@ def _plain_members(
             or (u16(at + 4) != ALIGNMENT).any()
         ):
             return None
-        columns = np.arange(width)
-        padding = (columns >= (at + _ALIGNMENT_RECORD_MIN)[:, None]) & (
-            columns < (at + record_length)[:, None]
-        )
-        if record[padding].any():
-            return None
+        # Zero padding: the largest byte of each padding run, all runs in one
+        # pass (reduceat takes [bounds[0], bounds[1]), [bounds[1], bounds[2]), ...,
+        # and the last bound to the end: every other result is a run).
+        padded = record_length > _ALIGNMENT_RECORD_MIN
+        if padded.any():
+            base = aligned[padded] * width + at[padded]
+            bounds = np.stack([base + _ALIGNMENT_RECORD_MIN, base + record_length[padded]], 1)
+            bounds = bounds.reshape(-1)
+            if bounds[-1] == rows.size:
+                bounds = bounds[:-1]
+            if np.maximum.reduceat(rows.reshape(-1), bounds)[::2].any():
+                return None
     data_offsets = offsets + _LOCAL.size + lengths + extra_length
     data_ends = data_offsets + compressed_size[order]
     if (offsets[1:] != data_ends[:-1]).any() or data_ends[-1] != cd_offset:
@@ -1959,7 +1964,7 @@ def _plain_members(
             fields["date"],
         ]
     ).astype(np.int64)
-    table = _Table(names, raw_names, columns)
+    table = _Table(names, None, columns)
     if len(table.index) != count:
         return None  # a name twice
     return table
