@@ -206,6 +206,31 @@ class _TooManyContainers(Exception):
     pass
 
 
+# The first byte of every msgpack list and map: fixmap, fixarray, array 16/32,
+# map 16/32. Each container starts with one of these bytes at its own offset,
+# so counting them bounds how many containers a parse can build.
+_CONTAINER_MARKERS = bytes([*range(0x80, 0xA0), 0xDC, 0xDD, 0xDE, 0xDF])
+_NOT_CONTAINER_MARKERS = bytes(sorted(set(range(256)) - set(_CONTAINER_MARKERS)))
+
+
+def _containers_at_most(data: Any) -> int | None:
+    """An upper bound on the lists and maps `data` can parse into (None if not bytes)."""
+    if not isinstance(data, (bytes, bytearray)):
+        return None
+    return len(data.translate(None, _NOT_CONTAINER_MARKERS))
+
+
+def _map_from_pairs(pairs: list) -> dict:
+    # A loop, not `dict(pairs)` and a check after: it measured faster on
+    # the small maps a structure is made of.
+    result = {}
+    for key, value in pairs:
+        if not isinstance(key, str) or key in result:
+            raise ValueError("a map key is not a string, or repeats")
+        result[key] = value
+    return result
+
+
 def unpack_bytes(data: bytes, *, containers: int | None = None) -> Any:
     """Parses msgpack with every size bounded; refuses extension types and non-string map keys.
 
@@ -213,25 +238,26 @@ def unpack_bytes(data: bytes, *, containers: int | None = None) -> Any:
     at `MAX_STRUCTURE_BYTES` may build).
     """
     limit = containers if containers is not None else max_containers(MAX_STRUCTURE_BYTES)
-    budget = [limit]
+    hooks: dict[str, Any] = {"object_pairs_hook": _map_from_pairs}
+    bound = _containers_at_most(data)
+    if bound is None or bound > limit:
+        # The bytes alone do not rule out a flood: count containers as they are built.
+        budget = [limit]
 
-    def spend() -> None:
-        budget[0] -= 1
-        if budget[0] < 0:
-            raise _TooManyContainers
+        def spend() -> None:
+            budget[0] -= 1
+            if budget[0] < 0:
+                raise _TooManyContainers
 
-    def on_list(items: list) -> list:
-        spend()
-        return items
+        def on_list(items: list) -> list:
+            spend()
+            return items
 
-    def on_map(pairs: list) -> dict:
-        spend()
-        result = {}
-        for key, value in pairs:
-            if not isinstance(key, str) or key in result:
-                raise ValueError("a map key is not a string, or repeats")
-            result[key] = value
-        return result
+        def on_map(pairs: list) -> dict:
+            spend()
+            return _map_from_pairs(pairs)
+
+        hooks = {"object_pairs_hook": on_map, "list_hook": on_list}
 
     # The cyclic garbage collector would rescan every container built so far
     # each few hundred allocations (a flood of a million lists took 26 s);
@@ -244,13 +270,12 @@ def unpack_bytes(data: bytes, *, containers: int | None = None) -> Any:
             raw=False,
             strict_map_key=True,
             use_list=True,
-            list_hook=on_list,
-            object_pairs_hook=on_map,
             max_str_len=MAX_STRING,
             max_bin_len=MAX_STRING,
             max_array_len=MAX_NODES,
             max_map_len=MAX_NODES,
             max_ext_len=0,
+            **hooks,
         )
     except _TooManyContainers:
         raise ArchiveError(
