@@ -13,7 +13,12 @@ the class) is left to the loader, which checks it again while rebuilding.
 
 from __future__ import annotations
 
+import itertools
+import operator
+from collections.abc import Callable
 from typing import Any
+
+import msgpack
 
 from reprokit._errors import ArchiveError, RefusedTypeError
 from reprokit.archive._allowlist import (
@@ -93,121 +98,247 @@ def _short_name(node: dict, tag: str) -> str:
     return name
 
 
+# The exact types msgpack parses plain values into: one set lookup per node
+# decides most nodes (subclasses, from in-memory trees, take the isinstance path).
+_PLAIN_TYPES = frozenset({type(None), bool, int, float, str, bytes})
+_LEAF_TYPES = (bool, int, float, str, bytes)
+_PLAIN_OR_NODE = _PLAIN_TYPES | {dict}
+_ARRAY_KEYS = NODE_KEYS["array"]
+# Children lists at least this long are first tried as one batch (below).
+_BATCH = 8
+_tag_of = operator.itemgetter(TAG)
+_index_of = operator.itemgetter("i")
+
+
+def _plain_values_and_arrays(items: list, array_count: int, referenced: set[int]) -> bool:
+    """Checks sibling nodes at once if each is a plain value or a valid array node.
+
+    A big record is mostly long runs of these (100,000 arrays in one
+    tuple); checked one by one they cost most of opening the archive. Returns
+    False, having changed nothing, if any item is anything else or would be
+    refused: the caller then walks the items one by one, so a refusal names
+    the same node with the same message as ever. When it returns True, the
+    one-by-one walk would have accepted every item and recorded the same
+    array indices.
+    """
+    types = set(map(type, items))
+    if not types <= _PLAIN_OR_NODE:
+        return False
+    if dict not in types:
+        return True
+    nodes = items if len(types) == 1 else [item for item in items if type(item) is dict]
+    # Exactly two keys, both present: the keys of an array node and no others.
+    if set(map(len, nodes)) != {2}:
+        return False
+    try:
+        tags = list(map(_tag_of, nodes))
+        indices = list(map(_index_of, nodes))
+    except KeyError:
+        return False
+    if tags.count("array") != len(tags) or set(map(type, indices)) != {int}:
+        return False
+    if min(indices) < 0 or max(indices) >= array_count:
+        return False
+    referenced.update(indices)
+    return True
+
+
 def _check_record_tree(
     root: Any, array_count: int, rules: _NameRules, referenced: set[int]
 ) -> None:
-    """Walks one encoded record iteratively (no recursion: depth is data)."""
+    """Walks one encoded record iteratively (no recursion: depth is data).
+
+    Nodes are checked in a fixed order (children pushed in written order,
+    so popped last first), and the first refused node is the one reported.
+    """
     stack: list[tuple[Any, int]] = [(root, 0)]
+    pop, push = stack.pop, stack.extend
     nodes = 0
     while stack:
-        node, depth = stack.pop()
+        node, depth = pop()
         nodes += 1
         if depth > MAX_DEPTH:
             raise ArchiveError(f"structure is nested more than {MAX_DEPTH} levels deep")
         if nodes > MAX_NODES:
             raise ArchiveError("structure has too many nodes")
-        if node is None or isinstance(node, (bool, int, float, str, bytes)):
+        cls = type(node)
+        if cls in _PLAIN_TYPES:
             continue
-        if isinstance(node, list):
-            stack.extend((item, depth + 1) for item in node)
+        if cls is list:
+            kids = node
+        elif cls is dict:
+            tag = node.get(TAG)
+            if tag == "array":  # most nodes of a big record
+                if node.keys() != _ARRAY_KEYS:
+                    raise _malformed(tag, "unexpected or missing keys")
+                index = node["i"]
+                if not isinstance(index, int) or isinstance(index, bool):
+                    raise _malformed(tag, "its index is not an integer")
+                if not 0 <= index < array_count:
+                    raise ArchiveError(
+                        f"structure refers to array {index}, which the archive does not hold"
+                    )
+                referenced.add(index)
+                continue
+            kids = _check_node(node, tag, array_count, rules, referenced)
+        elif node is None or isinstance(node, _LEAF_TYPES):
             continue
-        if not isinstance(node, dict):
+        elif isinstance(node, list):
+            kids = node
+        elif isinstance(node, dict):
+            kids = _check_node(node, node.get(TAG), array_count, rules, referenced)
+        else:
             raise ArchiveError(f"structure holds an unexpected {type(node).__name__}")
-        tag = node.get(TAG)
-        keys = NODE_KEYS.get(tag) if isinstance(tag, str) else None
-        if keys is None:
-            raise ArchiveError(f"structure holds an unknown node kind {brief(tag, 40)}")
-        if node.keys() != keys:
-            raise _malformed(tag, "unexpected or missing keys")
+        if not kids:
+            continue
         child = depth + 1
-        if tag in ("tuple", "slice", "complex", "frozenset"):
-            items = node["v"]
-            if not isinstance(items, list):
-                raise _malformed(tag, "its items are not a list")
-            if tag == "slice" and len(items) != 3:
-                raise _malformed(tag, "it needs start, stop and step")
-            if tag == "complex" and (
-                len(items) != 2 or not all(type(part) is float for part in items)
-            ):
-                raise _malformed(tag, "it needs two floats")
-        elif tag in ("dict", "odict"):
-            pairs = node["v"]
-            if not isinstance(pairs, list) or not all(
-                isinstance(pair, list) and len(pair) == 2 for pair in pairs
-            ):
-                raise _malformed(tag, "its entries are not key-value pairs")
-        elif tag == "int":
-            text = node["v"]
-            if (
-                not isinstance(text, str)
-                or not 0 < len(text) <= _MAX_BIG_INT_DIGITS
-                or not text.removeprefix("-").isascii()
-                or not text.removeprefix("-").isdigit()
-            ):
-                raise _malformed(tag, "not a decimal integer")
-        elif tag == "array":
-            index = node["i"]
-            if not isinstance(index, int) or isinstance(index, bool):
-                raise _malformed(tag, "its index is not an integer")
-            if not 0 <= index < array_count:
-                raise ArchiveError(
-                    f"structure refers to array {index}, which the archive does not hold"
-                )
-            referenced.add(index)
-        elif tag == "scalar":
+        if (
+            len(kids) >= _BATCH
+            and child <= MAX_DEPTH
+            and nodes + len(kids) <= MAX_NODES
+            and _plain_values_and_arrays(kids, array_count, referenced)
+        ):
+            # What popping each of them next would have done, all at once.
+            nodes += len(kids)
+            continue
+        push(zip(kids, itertools.repeat(child)))
+
+
+def _check_node(
+    node: dict, tag: Any, array_count: int, rules: _NameRules, referenced: set[int]
+) -> list:
+    """Checks one tagged node (not its children) and returns its children."""
+    keys = NODE_KEYS.get(tag) if isinstance(tag, str) else None
+    if keys is None:
+        raise ArchiveError(f"structure holds an unknown node kind {brief(tag, 40)}")
+    if node.keys() != keys:
+        raise _malformed(tag, "unexpected or missing keys")
+    if tag in ("tuple", "slice", "complex", "frozenset"):
+        items = node["v"]
+        if not isinstance(items, list):
+            raise _malformed(tag, "its items are not a list")
+        if tag == "slice" and len(items) != 3:
+            raise _malformed(tag, "it needs start, stop and step")
+        if tag == "complex" and (
+            len(items) != 2 or not all(type(part) is float for part in items)
+        ):
+            raise _malformed(tag, "it needs two floats")
+    elif tag == "obj":
+        rules.type_name(node["type"])
+        fields = node["f"]
+        if not _name_value_pairs(fields):
+            raise _malformed(tag, "its fields are not name-value pairs")
+        if len({field[0] for field in fields}) != len(fields):
+            raise _malformed(tag, "a field appears twice")
+    elif tag in ("dict", "odict"):
+        pairs = node["v"]
+        if not isinstance(pairs, list) or not all(
+            isinstance(pair, list) and len(pair) == 2 for pair in pairs
+        ):
+            raise _malformed(tag, "its entries are not key-value pairs")
+    elif tag == "int":
+        text = node["v"]
+        if (
+            not isinstance(text, str)
+            or not 0 < len(text) <= _MAX_BIG_INT_DIGITS
+            or not text.removeprefix("-").isascii()
+            or not text.removeprefix("-").isdigit()
+        ):
+            raise _malformed(tag, "not a decimal integer")
+    elif tag == "array":
+        index = node["i"]
+        if not isinstance(index, int) or isinstance(index, bool):
+            raise _malformed(tag, "its index is not an integer")
+        if not 0 <= index < array_count:
+            raise ArchiveError(
+                f"structure refers to array {index}, which the archive does not hold"
+            )
+        referenced.add(index)
+    elif tag == "scalar":
+        try:
+            dtype = dtype_from_name(node["dtype"])
+        except ValueError as error:
+            raise _malformed(tag, str(error)) from None
+        if not isinstance(node["v"], bytes) or len(node["v"]) != dtype.itemsize:
+            raise _malformed(tag, "its bytes do not match its dtype")
+    elif tag == "enum":
+        rules.type_name(node["type"])
+        _short_name(node, tag)
+    elif tag == "fn":
+        rules.callable_name(node["name"])
+    elif tag == "partial":
+        fn = node["fn"]
+        # The decoder accepts only something callable that is not a class.
+        if not isinstance(fn, dict) or fn.get(TAG) not in ("fn", "partial"):
+            raise _malformed(tag, "it does not wrap a function")
+        args, keywords = node["args"], node["kw"]
+        if not isinstance(args, list):
+            raise _malformed(tag, "its arguments are not a list")
+        if not _name_value_pairs(keywords):
+            raise _malformed(tag, "its keywords are not name-value pairs")
+    elif tag == "initializer":
+        if node["factory"] not in INITIALIZER_FACTORIES:
+            raise RefusedTypeError(
+                f"archive names the initializer factory {brief(node['factory'])}, which is "
+                "not on reprokit's allow-list"
+            )
+        keywords = node["kw"]
+        if not _name_value_pairs(keywords, public=True):
+            raise _malformed(tag, "its keywords are not name-value pairs")
+    elif tag == "type":
+        rules.type_name(node["name"])
+    elif tag in ("jnp_type", "np_type"):
+        _short_name(node, tag)
+    elif tag == "dtype":
+        try:
+            dtype_from_name(node["name"])
+        except ValueError as error:
+            raise _malformed(tag, str(error)) from None
+    elif tag == "builtin_type":
+        if node["name"] not in _BUILTIN_TYPE_NAMES:
+            raise ArchiveError(
+                f"archive names an unknown builtin type {brief(node['name'], 40)}"
+            )
+    # Checked above, so the grammar's own child list is safe to take.
+    return child_nodes(node)
+
+
+# Distinct descriptors remembered per table; more are checked without being remembered.
+_MAX_FORMS = 4096
+
+
+def _check_descriptors(arrays: list, check_descriptor: Callable[[Any], int]) -> int:
+    """Checks every descriptor of the array table, in order; returns their total byte size.
+
+    100,000 arrays share a handful of descriptors (dtype, shape, kind), so a
+    descriptor is checked once per distinct form. The form is its msgpack
+    encoding with exact types: equal encodings mean equal keys, values and
+    value types (True is not 1, a tuple does not encode), hence the same
+    verdict. (bytes, bytearray and memoryview encode alike, but the checks
+    refuse all three wherever they look, and from msgpack only bytes come.)
+    Anything that does not encode is checked without being remembered. A
+    refused descriptor is never remembered, so the first refused array is
+    named as before.
+    """
+    forms: dict[bytes, int] = {}
+    pack = msgpack.Packer(use_bin_type=True, strict_types=True).pack
+    total = 0
+    for index, desc in enumerate(arrays):
+        try:
+            form = pack(desc)
+        except (TypeError, ValueError, OverflowError):
+            form = None
+            pack = msgpack.Packer(use_bin_type=True, strict_types=True).pack
+        size = forms.get(form) if form is not None else None
+        if size is None:
             try:
-                dtype = dtype_from_name(node["dtype"])
+                size = check_descriptor(desc)
             except ValueError as error:
-                raise _malformed(tag, str(error)) from None
-            if not isinstance(node["v"], bytes) or len(node["v"]) != dtype.itemsize:
-                raise _malformed(tag, "its bytes do not match its dtype")
-        elif tag == "obj":
-            rules.type_name(node["type"])
-            fields = node["f"]
-            if not _name_value_pairs(fields):
-                raise _malformed(tag, "its fields are not name-value pairs")
-            if len({field[0] for field in fields}) != len(fields):
-                raise _malformed(tag, "a field appears twice")
-        elif tag == "enum":
-            rules.type_name(node["type"])
-            _short_name(node, tag)
-        elif tag == "fn":
-            rules.callable_name(node["name"])
-        elif tag == "partial":
-            fn = node["fn"]
-            # The decoder accepts only something callable that is not a class.
-            if not isinstance(fn, dict) or fn.get(TAG) not in ("fn", "partial"):
-                raise _malformed(tag, "it does not wrap a function")
-            args, keywords = node["args"], node["kw"]
-            if not isinstance(args, list):
-                raise _malformed(tag, "its arguments are not a list")
-            if not _name_value_pairs(keywords):
-                raise _malformed(tag, "its keywords are not name-value pairs")
-        elif tag == "initializer":
-            if node["factory"] not in INITIALIZER_FACTORIES:
-                raise RefusedTypeError(
-                    f"archive names the initializer factory {brief(node['factory'])}, which is "
-                    "not on reprokit's allow-list"
-                )
-            keywords = node["kw"]
-            if not _name_value_pairs(keywords, public=True):
-                raise _malformed(tag, "its keywords are not name-value pairs")
-        elif tag == "type":
-            rules.type_name(node["name"])
-        elif tag in ("jnp_type", "np_type"):
-            _short_name(node, tag)
-        elif tag == "dtype":
-            try:
-                dtype_from_name(node["name"])
-            except ValueError as error:
-                raise _malformed(tag, str(error)) from None
-        elif tag == "builtin_type":
-            if node["name"] not in _BUILTIN_TYPE_NAMES:
-                raise ArchiveError(
-                    f"archive names an unknown builtin type {brief(node['name'], 40)}"
-                )
-        # Checked above, so the grammar's own child list is safe to take.
-        stack.extend((item, child) for item in child_nodes(node))
+                raise ArchiveError(f"array {index}: {error}") from None
+            if form is not None and len(forms) < _MAX_FORMS:
+                forms[form] = size
+        total += size
+    return total
 
 
 def check_structure(
@@ -257,12 +388,7 @@ def check_structure(
         )
     if not isinstance(arrays, list) or len(arrays) != manifest["arrays"]["count"]:
         raise ArchiveError("the array table does not match the manifest")
-    total = 0
-    for index, desc in enumerate(arrays):
-        try:
-            total += check_descriptor(desc)
-        except ValueError as error:
-            raise ArchiveError(f"array {index}: {error}") from None
+    total = _check_descriptors(arrays, check_descriptor)
     if max_array_bytes is not None and total > max_array_bytes:
         raise ArchiveError(
             f"the archive's arrays hold {total} bytes; the limit is {max_array_bytes} "
