@@ -146,7 +146,8 @@ def render_replay_script(manifest: dict, tree: dict) -> str:
             arrays=tree["arrays"],
             parts=parts,
             imports=sorted(writer.imports),
-            needs_flax=needs_flax(tree),
+            # What `needs_flax(tree)` says, from the names the writer wrote: one walk, not two.
+            needs_flax=writer.names_flax,
             flax_message=_flax_message(manifest),
             embedded=embedded_sources(),
         )
@@ -266,12 +267,15 @@ def _flax_message(manifest: dict) -> str:
     return f"this archive needs {wanted}, which is not installed here: pip install {pin!r}"
 
 
+_FLAX_NAMES = ("flax.", "penzai.toolshed.unflaxify:")
+
+
 def needs_flax(tree: dict) -> bool:
     """Whether an encoded structure names Flax (or penzai's Flax bridge), so replaying needs flax."""
     from reprokit.archive._grammar import named
 
     return any(
-        name.startswith(("flax.", "penzai.toolshed.unflaxify:"))
+        name.startswith(_FLAX_NAMES)
         for part in tree["record"].values()
         for name in named(part)
     )
@@ -298,6 +302,10 @@ class _PythonWriter:
     def __init__(self, arrays: list[dict]):
         self._arrays = arrays
         self.imports: set[str] = set()
+        self._comments: dict[int, str] = {}  # an array's comment, by index
+        # Whether a name written names Flax: the writer writes every name
+        # `_grammar.named` finds, so this is `needs_flax` of what it wrote.
+        self.names_flax = False
 
     def expression(self, node: Any, level: int) -> str:
         return self._emit(node, level)
@@ -308,10 +316,12 @@ class _PythonWriter:
         if node is None or isinstance(node, (bool, int, str, bytes)):
             return repr(node)
         if isinstance(node, list):
-            return self._sequence("[", "]", [self._emit(v, level + 1) for v in node], level)
+            return self._sequence("[", "]", self._items(node, level + 1), level)
         tag = node[TAG]
+        if tag == "array":  # most nodes of a big record
+            return f"array({node['i']})"
         if tag == "tuple":
-            items = [self._emit(v, level + 1) for v in node["v"]]
+            items = self._items(node["v"], level + 1)
             if len(items) == 1:
                 return f"({items[0]},)"
             return self._sequence("(", ")", items, level)
@@ -328,8 +338,6 @@ class _PythonWriter:
             return "collections.OrderedDict(" + self._sequence("[", "]", pairs, level) + ")"
         if tag == "int":
             return node["v"]
-        if tag == "array":
-            return f"array({node['i']})"
         if tag == "scalar":
             return f"np.frombuffer({node['v']!r}, dtype=dtype_from_name({node['dtype']!r}))[0]"
         if tag == "obj":
@@ -378,25 +386,59 @@ class _PythonWriter:
     def _name(self, name: str) -> str:
         module, qualname = name.split(":")
         self.imports.add(module)
+        if name.startswith(_FLAX_NAMES):
+            self.names_flax = True
         return f"{module}.{qualname}"
 
     def _sequence(
         self, open_: str, close: str, items: list[str], level: int, head: str | None = None
     ) -> str:
-        inline = open_ + ", ".join(items) + close
-        if len(inline) + len(_INDENT) * level <= _INLINE_WIDTH and "\n" not in inline:
-            return inline
+        # The inline form's length, known before it is built: a long sequence
+        # (most of a big record) is not joined only to be thrown away.
+        width = len(open_) + len(close) + sum(map(len, items)) + 2 * max(len(items) - 1, 0)
+        if width + len(_INDENT) * level <= _INLINE_WIDTH:
+            inline = open_ + ", ".join(items) + close
+            if "\n" not in inline:
+                return inline
         inner = _INDENT * (level + 1)
-        body = "".join(f"{inner}{item},{self._array_comment(item)}\n" for item in items)
+        comment = self._array_comment
+        body = "".join([f"{inner}{item},{comment(item)}\n" for item in items])
         return f"{(head or open_).rstrip()}\n{body}{_INDENT * level}{close}"
 
+    def _items(self, nodes: list, level: int) -> list[str]:
+        """`_emit` of each node; array nodes, most of a big record's items, without the call."""
+        emit = self._emit
+        return [
+            f"array({node['i']})"
+            if type(node) is dict and node.get(TAG) == "array"
+            else emit(node, level)
+            for node in nodes
+        ]
+
     def _array_comment(self, item: str) -> str:
-        match = re.fullmatch(r"(?:\w+=)?array\((\d+)\)", item)
-        if not match:
+        # What `_ARRAY_ITEM` matches ends in a digit (`\d` is `isdecimal`) and ")":
+        # most other items fail that at once.
+        if item[-1:] != ")" or not item[-2:-1].isdecimal():
             return ""
-        desc = self._arrays[int(match.group(1))]
-        kind = " key" if desc["kind"] == "key" else " weak" if desc.get("weak_type") else ""
-        return f"  # {desc['dtype']}{list(desc['shape'])}{kind}"
+        digits = item[6:-1] if item[:6] == "array(" else ""
+        if digits.isascii() and digits.isdigit():
+            # `array(N)`, most items of a big record: what the pattern would find, without it.
+            index = int(digits)
+        else:
+            match = _ARRAY_ITEM(item)
+            if not match:
+                return ""
+            index = int(match.group(1))
+        comment = self._comments.get(index)
+        if comment is None:
+            desc = self._arrays[index]
+            kind = " key" if desc["kind"] == "key" else " weak" if desc.get("weak_type") else ""
+            comment = self._comments[index] = f"  # {desc['dtype']}{list(desc['shape'])}{kind}"
+        return comment
+
+
+# An item that is an array, bare or as a keyword (`weights=array(3)`): it gets a comment.
+_ARRAY_ITEM = re.compile(r"(?:\w+=)?array\((\d+)\)").fullmatch
 
 
 def _float(value: float) -> str:
