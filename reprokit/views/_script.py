@@ -275,9 +275,7 @@ def needs_flax(tree: dict) -> bool:
     from reprokit.archive._grammar import named
 
     return any(
-        name.startswith(_FLAX_NAMES)
-        for part in tree["record"].values()
-        for name in named(part)
+        name.startswith(_FLAX_NAMES) for part in tree["record"].values() for name in named(part)
     )
 
 
