@@ -1013,26 +1013,27 @@ class ArchiveReader:
         if batch:
             self.read_small_members(batch)
 
-    def read_small_members(self, names: list[str]) -> list[memoryview]:
+    def read_small_members(self, names: list[str]) -> list[bytes | memoryview]:
         """The bytes of small stored members, in the order of `names`, each CRC-checked.
 
         Members that lie close together in the file are fetched with one read
         (spans up to `_CHUNK`), so reading 100,000 tiny arrays costs a few
         dozen reads instead of 100,000 (`inspect`'s statistics). Deflated or
-        large members are read one by one.
+        large members are read one by one. Each item is a read-only buffer
+        (`bytes`, or a `memoryview`): a bytes slice costs a fifth of a
+        memoryview of the span, and does not keep the whole span alive.
         """
         positions = self._positions(names)
         if positions is None:
             return self._read_small_members_each(names)
         return self._read_small(positions)
 
-    def _read_small(self, positions: np.ndarray, *, keep: bool = True) -> list[memoryview]:
+    def _read_small(self, positions: np.ndarray, *, keep: bool = True) -> list[bytes | memoryview]:
         """`read_small_members` for the members at `positions` of the table.
 
         The same spans, checks and messages as `_read_small_members_each`,
         with the per-member work (slicing, CRC-32, comparing) done in C.
-        Without `keep` (verifying), nothing is returned and the CRC-32s are
-        taken of bytes slices, which cost a fifth of a memoryview each.
+        Without `keep` (verifying), nothing is returned.
         """
         table = self._table
         columns = table.columns[:, positions]
@@ -1045,7 +1046,7 @@ class ArchiveReader:
         unstored.append(len(order))
         order_list = order.tolist()
         in_order = bool((order == np.arange(len(order))).all())
-        out: list[memoryview | None] = [] if in_order else [None] * len(order)
+        out: list[bytes | memoryview | None] = [] if in_order else [None] * len(order)
         start = 0
         next_unstored = 0
         while start < len(order):
@@ -1072,10 +1073,9 @@ class ArchiveReader:
                 )
             )
             length = int(ends[end - 1]) - first_offset
-            read = self._pread(first_offset, length)
-            span = memoryview(read) if keep else read
+            span = self._pread(first_offset, length)
             starts = (offsets[start:end] - first_offset).tolist()
-            views = [
+            views: list[bytes | memoryview] = [
                 span[at : at + size]
                 for at, size in zip(starts, sizes[start:end].tolist(), strict=True)
             ]
@@ -1098,7 +1098,7 @@ class ArchiveReader:
             start = end
         return out  # type: ignore[return-value]
 
-    def _read_small_members_each(self, names: list[str]) -> list[memoryview]:
+    def _read_small_members_each(self, names: list[str]) -> list[bytes | memoryview]:
         members = [self._member(name) for name in names]
         out: list[memoryview | None] = [None] * len(members)
         order = sorted(range(len(members)), key=lambda i: members[i].data_offset)
