@@ -787,7 +787,7 @@ class _Table:
     and batch reads take what they need from them with numpy.
     """
 
-    __slots__ = ("columns", "index", "names", "raw_names")
+    __slots__ = ("columns", "index", "names", "raw_names", "sizes")
 
     def __init__(self, names: list[str], raw_names: list[bytes] | None, columns: np.ndarray):
         self.names = names
@@ -797,6 +797,8 @@ class _Table:
         # int64, or object where a ZIP64 value does not fit (then batch
         # reads go member by member: see `ArchiveReader._columns`).
         self.columns = columns
+        # As a list too: `open_archive` asks the size of every array by name.
+        self.sizes: list[int] = columns[_SIZE].tolist()
 
     @classmethod
     def of(cls, members: dict[str, _Member]) -> _Table:
@@ -860,7 +862,7 @@ class ArchiveReader:
 
     def size(self, name: str) -> int:
         """The uncompressed size of member `name` in bytes."""
-        return self._member(name).size
+        return self._table.sizes[self._position(name)]
 
     def read_bytes(self, name: str) -> bytes:
         """Read a whole (small) member into memory, verifying its size and CRC.
@@ -949,13 +951,13 @@ class ArchiveReader:
         Stored members go straight from the file into the array; deflated
         ones are inflated (bounded by their declared size) and copied.
         """
-        size = self._member(name).size
+        member = self._member(name)
+        size = member.size
         backing = np.empty(size + ALIGNMENT, dtype=np.uint8)
         start = -backing.ctypes.data % ALIGNMENT
         # Not backing[start:...]: numpy moves an empty slice's pointer back to
         # the base, and callers may check alignment even for empty members.
         array = np.ndarray((size,), np.uint8, buffer=backing, offset=start)
-        member = self._member(name)
         if member.method == _STORED:
             self.read_into(name, array)
             return array
@@ -1151,10 +1153,13 @@ class ArchiveReader:
     # -- reading helpers ---------------------------------------------------
 
     def _member(self, name: str) -> _Member:
+        return self._table.member(self._position(name))
+
+    def _position(self, name: str) -> int:
         if self._file.closed:
             raise ValueError("this archive is closed")
         try:
-            return self._table.member(self._table.index[name])
+            return self._table.index[name]
         except KeyError:
             raise ArchiveError(f"archive has no member {_show(str(name))}") from None
 
