@@ -175,6 +175,62 @@ def test_paths_follow_the_encoded_tree():
     assert paths == ["root", "root.a", "root.a[0]", "root.a[1]", "root.b", "root.b['k']"]
 
 
+def test_array_paths_are_where_the_walk_first_meets_each_array():
+    from reprokit.views._inspect import array_paths
+
+    inner = {"$t": "tuple", "v": [{"$t": "array", "i": 1}, [{"$t": "array", "i": 0}]]}
+    record = {
+        "argument": {
+            "$t": "obj",
+            "type": "m:C",
+            "f": [["x", inner], ["y", {"$t": "array", "i": 0}]],
+        },
+        "output": [{"$t": "array", "i": 2}, {"$t": "array", "i": 1}, 3],
+    }
+    expected: dict[int, str] = {}
+    for name, node in record.items():
+        for where, item in walk_encoded(node, name):
+            if isinstance(item, dict) and item.get("$t") == "array":
+                expected.setdefault(item["i"], where)
+    assert (
+        array_paths(record)
+        == expected
+        == {
+            1: "argument.x[0]",
+            0: "argument.x[1][0]",
+            2: "output[0]",
+        }
+    )
+
+
+def test_batched_statistics_equal_the_one_by_one_statistics():
+    # Value for value and type for type (repr tells -0.0 from 0.0): the table
+    # and --json must not depend on which path an array took.
+    from reprokit.views._inspect import _small_statistics
+
+    rng = np.random.default_rng(0)
+    special = np.array([0.0, -0.0, 1.5, -2.0, np.nan, np.inf, -np.inf, 1e308])
+    arrays = []
+    for size in (1, 1, 2, 3, 7, 8, 9, 130, 8192, 8193):
+        for dtype in (np.float32, np.float64, ml_dtypes.bfloat16, np.float16):
+            with np.errstate(all="ignore"):
+                arrays.append(rng.choice(special, size).astype(dtype))
+                arrays.append((rng.standard_normal(size) * 1e3).astype(dtype))
+        arrays.append(rng.integers(0, 2**64 - 1, size, dtype=np.uint64, endpoint=True))
+        arrays.append(rng.integers(-128, 127, size).astype(np.int8))
+        arrays.append(rng.integers(-8, 7, size).astype(ml_dtypes.int4))
+        arrays.append(rng.random(size) < 0.5)
+        arrays.append((rng.standard_normal(size) + 1j).astype(np.complex64))
+    descs = [_desc(values) for values in arrays]
+    payloads = [_raw(values).tobytes() for values in arrays]
+    where = {index: f"argument[{index}]" for index in range(len(arrays))}
+    rows: list = [None] * len(arrays)
+    _small_statistics(descs, list(range(len(arrays))), payloads, where, rows)
+    for index, (desc, values) in enumerate(zip(descs, arrays, strict=True)):
+        expected = {"index": index, "where": where[index], **array_statistics(desc, _raw(values))}
+        assert repr(rows[index]) == repr(expected), desc
+
+
 # ------------------------------------------------------------------ HTML
 
 # Treescope draws into shadow DOM, which no DOM dump serializes. This probe,

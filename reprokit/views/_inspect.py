@@ -13,6 +13,8 @@ allow-listed loader as `reprokit run` (still never calling the layer).
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import math
 import os
 from collections.abc import Iterator
@@ -210,14 +212,46 @@ def array_paths(record: dict) -> dict[int, str]:
     cache_0'].value`), not by their position in the tuple.
     """
     found: dict[int, str] = {}
-    for name, node in record.items():
-        labels = _state_labels(name, node)
-        for where, item in walk_encoded(node, name):
-            if isinstance(item, dict) and item.get(TAG) == "array":
-                index = item.get("i")
-                if isinstance(index, int) and index not in found:
-                    found[index] = _labelled(where, labels)
+    with _collector_paused():
+        for name, node in record.items():
+            labels = _state_labels(name, node)
+            # `walk_encoded`'s order (parents first, children in written
+            # order), with a stack of sibling iterators: an array, most of a
+            # big record's nodes, is handled where its parent lists it.
+            stack = [iter(((name, node),))]
+            while stack:
+                for where, item in stack[-1]:
+                    if isinstance(item, dict):
+                        if item.get(TAG) == "array":
+                            index = item.get("i")
+                            if isinstance(index, int) and index not in found:
+                                found[index] = _labelled(where, labels) if labels else where
+                            continue
+                    elif not isinstance(item, list):
+                        continue  # a plain value: no children
+                    nested = _grammar.children(item, where)
+                    if nested:
+                        stack.append(iter(nested))
+                        break
+                else:
+                    stack.pop()
     return found
+
+
+@contextlib.contextmanager
+def _collector_paused() -> Iterator[None]:
+    """The cyclic garbage collector paused: what is built here (rows, paths) holds no cycles.
+
+    At 100,000 arrays, collections rescanning the whole record took longer
+    than the statistics themselves.
+    """
+    collecting = gc.isenabled()
+    try:
+        gc.disable()  # inside the try: a signal can never leave it disabled
+        yield
+    finally:
+        if collecting:
+            gc.enable()
 
 
 def _state_labels(name: str, node: Any) -> dict[str, str]:
@@ -380,118 +414,204 @@ def _scalar_value(values: np.ndarray, kind: str) -> Any:
 
 def archive_statistics(opened: Any) -> list[dict]:
     """Statistics of every array of an opened archive, each with its index and first path."""
+    with _collector_paused():
+        return _archive_statistics(opened)
+
+
+def _archive_statistics(opened: Any) -> list[dict]:
     from reprokit._errors import ArchiveError
 
     arrays = opened.structure["arrays"]
     where = array_paths(opened.structure["record"])
-    found: dict[int, dict] = {}
+    reader = opened.reader
+    rows: list[dict | None] = [None] * len(arrays)
     small: list[int] = []
+    members: list[str] = []
     for index, desc in enumerate(arrays):
         if "checkpoint" in desc:
             continue  # in the orbax checkpoint: read with tensorstore only on replay
         if desc.get("fill") is not None:
-            found[index] = fill_statistics(desc)
+            rows[index] = _row(index, where, fill_statistics(desc))
             continue
         member = _format.array_member(index)
-        if opened.reader.size(member) != desc["nbytes"]:
+        if reader.size(member) != desc["nbytes"]:
             raise ArchiveError(f"member {member!r} has the wrong size for its array")
         if desc["kind"] != "key" and 0 < desc["nbytes"] <= _BATCH_BYTES:
             small.append(index)
+            members.append(member)
         else:
-            found[index] = array_statistics(desc, opened.reader.read_aligned(member))
+            rows[index] = _row(index, where, array_statistics(desc, reader.read_aligned(member)))
     # In batches of a few MiB: what is read at once stays small, however many arrays.
-    batch: list[int] = []
-    batch_bytes = 0
-    for index in small:
-        batch.append(index)
+    start = batch_bytes = 0
+    for end, index in enumerate(small, 1):
         batch_bytes += arrays[index]["nbytes"]
-        if batch_bytes >= _BATCH_TOTAL:
-            found.update(_small_statistics(opened.reader, arrays, batch))
-            batch, batch_bytes = [], 0
-    found.update(_small_statistics(opened.reader, arrays, batch))
-    return [
-        {"index": index, "where": where.get(index, "(unused)"), **found[index]}
-        for index in sorted(found)
-    ]
+        if batch_bytes >= _BATCH_TOTAL or end == len(small):
+            payloads = reader.read_small_members(members[start:end])
+            _small_statistics(arrays, small[start:end], payloads, where, rows)
+            start, batch_bytes = end, 0
+    return [row for row in rows if row is not None]
+
+
+def _row(index: int, where: dict[int, str], stats: dict) -> dict:
+    return {"index": index, "where": where.get(index, "(unused)"), **stats}
 
 
 # Arrays up to this size are read in batches and summarised together: an
 # archive of 100,000 small arrays cost a read and a dozen numpy calls each.
 _BATCH_BYTES = 1 << 16
 _BATCH_TOTAL = 8 << 20
-# Integer sums go through float64 the way `array_statistics` does them only
-# up to numpy's cast buffer; longer integer rows take the one-by-one path.
+# An integer array's float64 sum (`sum(dtype=float64)`) goes through numpy's
+# cast buffer of 8192 elements: up to that, it is the pairwise sum of the
+# float64 values, which a segment sum reproduces; longer integer arrays take
+# the one-by-one path.
 _BATCH_INT_ELEMENTS = 8192
 
 
-def _small_statistics(reader: Any, arrays: list[dict], indices: list[int]) -> dict[int, dict]:
-    """`array_statistics` of many small arrays at once, equal to it value for value.
+def _small_statistics(
+    arrays: list[dict],
+    indices: list[int],
+    payloads: list,
+    where: dict[int, str],
+    rows: list[dict | None],
+) -> None:
+    """The rows of `array_statistics` for many small arrays at once, equal to it value for value.
 
-    Arrays of one dtype and size are stacked into one 2-D float64 block
-    (rows sum pairwise exactly as a 1-D array does); a row holding NaN or
-    Inf, and kinds the block cannot express, go through `array_statistics`.
+    The payloads of one dtype are joined into one flat array, and each
+    statistic is a segment reduction over it (`np.minimum.reduceat` and the
+    like). A segment sum is numpy's pairwise sum of that segment, as
+    `array_statistics` sums one array, and the finite values are gathered
+    first, so min, max and mean are over the same values in the same order.
+    Kinds a segment cannot express (complex; integers longer than numpy's
+    cast buffer) go through `array_statistics`.
     """
     from reprokit.portable._arrays import dtype_from_name
 
-    payloads = reader.read_small_members([_format.array_member(i) for i in indices])
-    groups: dict[tuple[str, int], list[int]] = {}
+    groups: dict[str, list[int]] = {}
     for position, index in enumerate(indices):
-        desc = arrays[index]
-        groups.setdefault((desc["dtype"], desc["nbytes"]), []).append(position)
-    out: dict[int, dict] = {}
-    for (dtype_name, nbytes), positions in groups.items():
+        groups.setdefault(arrays[index]["dtype"], []).append(position)
+    for dtype_name, positions in groups.items():
         dtype = dtype_from_name(dtype_name)
         kind = _value_kind(dtype)
-        size = nbytes // dtype.itemsize
-        batchable = kind == "float" or (
-            kind == "int" and dtype.kind in "iu" and size <= _BATCH_INT_ELEMENTS
-        )
-        if not batchable:
-            for position in positions:
+        itemsize = dtype.itemsize
+        together: list[int] = []
+        for position in positions:
+            nbytes = arrays[indices[position]]["nbytes"]
+            if (
+                kind == "complex"
+                or nbytes % itemsize
+                or (kind != "float" and nbytes // itemsize > _BATCH_INT_ELEMENTS)
+            ):
                 index = indices[position]
                 raw = np.frombuffer(payloads[position], dtype=np.uint8)
-                out[index] = array_statistics(arrays[index], raw)
-            continue
-        block = np.empty((len(positions), nbytes), dtype=np.uint8)
-        for row, position in enumerate(positions):
-            block[row] = np.frombuffer(payloads[position], dtype=np.uint8)
-        values = block.view(dtype).reshape(len(positions), size)
-        # Rows with NaN/Inf are recomputed below; their sums may warn here.
-        with np.errstate(all="ignore"):
-            wide = values.astype(np.float64)
-            if kind == "float":
-                nan = np.isnan(wide).sum(axis=1)
-                inf = np.isinf(wide).sum(axis=1)
-                lows, highs = wide.min(axis=1).tolist(), wide.max(axis=1).tolist()
+                rows[index] = _row(index, where, array_statistics(arrays[index], raw))
             else:
-                nan = inf = np.zeros(len(positions), dtype=np.int64)
-                lows, highs = values.min(axis=1).tolist(), values.max(axis=1).tolist()
-            totals = wide.sum(axis=1).tolist()
-        bad = (nan + inf).tolist()
-        for row, position in enumerate(positions):
-            index = indices[position]
-            desc = arrays[index]
-            if bad[row]:
-                raw = np.frombuffer(payloads[position], dtype=np.uint8)
-                out[index] = array_statistics(desc, raw)
-                continue
-            mean = totals[row] / size
-            out[index] = {
-                "kind": desc["kind"],
-                "dtype": desc["dtype"],
-                "shape": list(desc["shape"]),
-                "size": size,
-                "min": lows[row],
-                "max": highs[row],
-                "mean": mean if math.isfinite(mean) else None,
-                "nan": 0,
-                "inf": 0,
-                "posinf": 0,
-                "neginf": 0,
-            }
-            if size == 1:
-                out[index]["value"] = lows[row]
-    return out
+                together.append(position)
+        if together:
+            group = [indices[position] for position in together]
+            data = b"".join([payloads[position] for position in together])
+            _segment_statistics(arrays, group, np.frombuffer(data, dtype=dtype), kind, where, rows)
+
+
+def _segment_statistics(
+    arrays: list[dict],
+    indices: list[int],
+    values: np.ndarray,
+    kind: str,
+    where: dict[int, str],
+    rows: list[dict | None],
+) -> None:
+    """`_small_statistics` of the arrays `indices`, whose values lie one after another in `values`."""
+    sizes = np.fromiter((arrays[index]["nbytes"] for index in indices), np.int64, len(indices))
+    sizes //= values.itemsize
+    starts = np.cumsum(sizes) - sizes  # every size is at least 1
+    zeros = [0] * len(indices)
+    nan = inf = posinf = zeros
+    if kind == "float":
+        wide = values.astype(np.float64)
+        finite_mask = np.isfinite(wide)
+        if finite_mask.all():
+            finite, counts = wide, sizes
+        else:
+            nan = np.add.reduceat(np.isnan(wide), starts, dtype=np.int64).tolist()
+            inf = np.add.reduceat(np.isinf(wide), starts, dtype=np.int64).tolist()
+            posinf = np.add.reduceat(np.isposinf(wide), starts, dtype=np.int64).tolist()
+            finite = wide[finite_mask]
+            counts = np.add.reduceat(finite_mask, starts, dtype=np.int64)
+        firsts = wide[starts].tolist()  # a one-element array's value
+    else:
+        if kind == "bool":
+            finite = values.astype(np.uint8)
+        else:
+            # Integers keep their exact extremes (numpy ints natively, so
+            # uint64 cannot wrap); only the mean goes through float64.
+            finite = values if values.dtype.kind in "iu" else values.astype(np.int64)
+        counts = sizes
+        firsts = finite[starts].tolist()
+    # Arrays with as many finite values are stacked into one 2-D block, whose
+    # rows numpy reduces exactly as it reduces a 1-D array; a segment
+    # reduction (`np.add.reduceat`) sums in another order and rounds otherwise.
+    cuts = np.cumsum(counts) - counts
+    lows: list = [None] * len(indices)
+    highs, totals = list(lows), list(lows)
+    by_count = np.argsort(counts, kind="stable")
+    groups = np.split(by_count, np.flatnonzero(np.diff(counts[by_count])) + 1)
+    with np.errstate(all="ignore"):  # a sum may overflow: its mean is None
+        for slots in groups:
+            count = int(counts[slots[0]])
+            if count == 0:
+                continue  # no finite values: no min, max or mean
+            if len(groups) == 1 and count * len(slots) == finite.size:
+                block = finite.reshape(len(slots), count)  # one size, one after another
+            else:
+                block = finite[cuts[slots][:, None] + np.arange(count)]
+            low, high = block.min(axis=1).tolist(), block.max(axis=1).tolist()
+            total = block.astype(np.float64, copy=False).sum(axis=1).tolist()
+            if len(groups) == 1:
+                lows, highs, totals = low, high, total
+                break
+            for slot, a, b, c in zip(slots.tolist(), low, high, total, strict=True):
+                lows[slot], highs[slot], totals[slot] = a, b, c
+    sizes_list, counts_list = sizes.tolist(), counts.tolist()
+    for row, index in enumerate(indices):
+        desc = arrays[index]
+        count, low, high, size = counts_list[row], lows[row], highs[row], sizes_list[row]
+        mean = None
+        if count:
+            # 0.0 + as `array_statistics` accumulates: an all -0.0 array's mean is 0.0.
+            mean = (0.0 + totals[row]) / count
+            if not math.isfinite(mean):
+                mean = None  # the float64 sum overflowed; JSON has no Infinity
+            if kind == "bool":
+                low, high = bool(low), bool(high)
+        stats = {
+            "index": index,
+            "where": where.get(index, "(unused)"),
+            "kind": desc["kind"],
+            "dtype": desc["dtype"],
+            "shape": list(desc["shape"]),
+            "size": size,
+            "min": low,
+            "max": high,
+            "mean": mean,
+            "nan": nan[row],
+            "inf": inf[row],
+            "posinf": posinf[row],
+            "neginf": inf[row] - posinf[row],
+        }
+        if size == 1:
+            stats["value"] = _first_value(firsts[row], kind)
+        rows[index] = stats
+
+
+def _first_value(value: Any, kind: str) -> Any:
+    """`_scalar_value` of a one-element array from its value (float64, or a Python int)."""
+    if kind == "float":
+        if math.isnan(value):
+            return "nan"
+        if math.isinf(value):
+            return "inf" if value > 0 else "-inf"
+        return value
+    return bool(value) if kind == "bool" else value
 
 
 def fill_statistics(desc: dict) -> dict:
