@@ -53,36 +53,65 @@ _MAX_BIG_INT_DIGITS = 4000
 _MAX_SHORT_NAME = 64
 
 
+# Names remembered as accepted per check; more are checked without being remembered.
+_MAX_NAMES = 4096
+
+
 class _NameRules:
-    """Checks class and function names statically: full allow-list, or view-only rules."""
+    """Checks class and function names statically: full allow-list, or view-only rules.
+
+    The rules are a function of the name alone, and a model names a few
+    dozen classes thousands of times: each accepted name is checked once.
+    """
 
     def __init__(self, allow: AllowList | None):
         self._allow = allow
+        self._types: set[str] = set()
+        self._callables: set[str] = set()
 
     def type_name(self, name: Any) -> None:
+        if type(name) is str and name in self._types:
+            return
         if self._allow is None:
             check_name_for_viewing(name, "type")
         else:
             self._allow.check_type_name(name)
+        if type(name) is str and len(self._types) < _MAX_NAMES:
+            self._types.add(name)
 
     def callable_name(self, name: Any) -> None:
+        if type(name) is str and name in self._callables:
+            return
         if self._allow is None:
             check_name_for_viewing(name, "function")
         else:
             self._allow.check_callable_name(name)
+        if type(name) is str and len(self._callables) < _MAX_NAMES:
+            self._callables.add(name)
 
 
 def _name_value_pairs(items: Any, *, public: bool = False) -> bool:
     """Whether `items` is a list of [identifier, value] pairs (fields, keyword arguments)."""
-    return isinstance(items, list) and all(
-        isinstance(item, list)
-        and len(item) == 2
-        and isinstance(item[0], str)
-        and item[0].isascii()
-        and item[0].isidentifier()
-        and not (public and item[0].startswith("_"))
-        for item in items
-    )
+    if not isinstance(items, list):
+        return False
+    # A loop, not all() over a generator: this runs for every object node.
+    for item in items:
+        if not isinstance(item, list) or len(item) != 2:
+            return False
+        name = item[0]
+        if not isinstance(name, str) or not name.isascii() or not name.isidentifier():
+            return False
+        if public and name.startswith("_"):
+            return False
+    return True
+
+
+def _pairs(items: list) -> bool:
+    """Whether every item is a two-item list (a dict's key and value)."""
+    for item in items:
+        if not isinstance(item, list) or len(item) != 2:
+            return False
+    return True
 
 
 def _malformed(tag: str, why: str) -> ArchiveError:
@@ -108,6 +137,7 @@ _ARRAY_KEYS = NODE_KEYS["array"]
 _BATCH = 8
 _tag_of = operator.itemgetter(TAG)
 _index_of = operator.itemgetter("i")
+_first = operator.itemgetter(0)
 
 
 def _plain_values_and_arrays(items: list, array_count: int, referenced: set[int]) -> bool:
@@ -228,13 +258,11 @@ def _check_node(
         fields = node["f"]
         if not _name_value_pairs(fields):
             raise _malformed(tag, "its fields are not name-value pairs")
-        if len({field[0] for field in fields}) != len(fields):
+        if len(set(map(_first, fields))) != len(fields):
             raise _malformed(tag, "a field appears twice")
     elif tag in ("dict", "odict"):
         pairs = node["v"]
-        if not isinstance(pairs, list) or not all(
-            isinstance(pair, list) and len(pair) == 2 for pair in pairs
-        ):
+        if not isinstance(pairs, list) or not _pairs(pairs):
             raise _malformed(tag, "its entries are not key-value pairs")
     elif tag == "int":
         text = node["v"]
