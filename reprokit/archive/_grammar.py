@@ -129,6 +129,9 @@ def child_nodes(node: Any) -> list[Any]:
     return []
 
 
+_PLAIN_TYPES = frozenset({type(None), bool, int, float, str, bytes})
+
+
 def _plain_key(key: Any) -> bool:
     return key is None or isinstance(key, (bool, int, float, str))
 
@@ -139,11 +142,19 @@ def walk(root: Any, where: str = "") -> Iterator[tuple[str, Any]]:
     Iterative, so a deep tree cannot exhaust the stack: depth is data.
     """
     stack = [(where, root)]
+    pop, extend = stack.pop, stack.extend
     while stack:
-        path, node = stack.pop()
+        path, node = pop()
         yield path, node
+        # Array nodes and plain values, most of a big record, have no children.
+        if type(node) is dict:
+            if node.get(TAG) == "array":
+                continue
+        elif type(node) is not list:
+            if type(node) in _PLAIN_TYPES:
+                continue
         # Reversed so that the stack yields children in their written order.
-        stack.extend(reversed(children(node, path)))
+        extend(reversed(children(node, path)))
 
 
 def named_class(node: Any) -> str | None:
