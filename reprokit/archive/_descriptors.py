@@ -6,6 +6,9 @@ name, shape, weak type, key implementation, fill, sharding). `verify` and
 must check them exactly as `reprokit run` does. So the checks live here, in
 the archive layer, importing only numpy and ml_dtypes, and this file's
 source is also embedded verbatim into every standalone `replay.py`.
+ml_dtypes is imported only when an archive names one of its dtypes: the
+import costs about half a second, more than `inspect` and `verify` of a
+float32 archive spend on everything else.
 """
 
 from __future__ import annotations
@@ -14,18 +17,11 @@ import math
 import re
 from typing import Any
 
-import ml_dtypes
 import numpy as np
 
 # Only plain numeric dtypes are ever rebuilt; object, string, void and
 # datetime dtypes have no place in model data and could smuggle structure.
 _NUMERIC_KINDS = frozenset("biufc")
-_ML_DTYPE_NAMES = frozenset(
-    name
-    for name in dir(ml_dtypes)
-    if not name.startswith("_") and isinstance(getattr(ml_dtypes, name), type)
-    if issubclass(getattr(ml_dtypes, name), np.generic)
-)
 _PRNG_IMPLS = frozenset({"threefry2x32", "rbg", "unsafe_rbg"})
 _MAX_RANK = 64
 # Sharding descriptors (optional; absent means one device): the mesh, axis
@@ -61,18 +57,35 @@ def dtype_from_name(name: str) -> np.dtype:
             return seen
     if not isinstance(name, str) or not name.isidentifier():
         raise ValueError(f"invalid dtype name {name!r}")
-    if name in _ML_DTYPE_NAMES:
-        dtype = np.dtype(getattr(ml_dtypes, name))
-    else:
-        try:
-            dtype = np.dtype(name)
-        except TypeError:
-            raise ValueError(f"unknown dtype {name!r}") from None
-        if dtype.kind not in _NUMERIC_KINDS or dtype.name != name:
+    try:
+        dtype = np.dtype(name)
+    except TypeError:
+        dtype = None
+    if dtype is None or dtype.kind not in _NUMERIC_KINDS or dtype.name != name:
+        # Not a numeric numpy dtype by that name: one of ml_dtypes' (bfloat16,
+        # float8_*, int4, ...), whose numpy kind is 'V' once registered.
+        ml_dtype = _ml_dtype(name)
+        if ml_dtype is not None:
+            dtype = ml_dtype
+        elif dtype is None:
+            raise ValueError(f"unknown dtype {name!r}")
+        else:
             raise ValueError(f"dtype {name!r} is not a numeric dtype")
     if len(_DTYPES_SEEN) < 256:
         _DTYPES_SEEN[name] = dtype
     return dtype
+
+
+def _ml_dtype(name: str) -> np.dtype | None:
+    """The ml_dtypes scalar type called `name` as a numpy dtype, or None."""
+    import ml_dtypes
+
+    if name.startswith("_"):
+        return None
+    scalar = getattr(ml_dtypes, name, None)
+    if isinstance(scalar, type) and issubclass(scalar, np.generic):
+        return np.dtype(scalar)
+    return None
 
 
 def check_descriptor(desc: dict) -> int:

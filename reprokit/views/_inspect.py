@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from reprokit.archive import _format, _grammar
-from reprokit.record._encoding import TAG
+from reprokit.archive._grammar import TAG
 
 _MAX_OUTLINE_LINES = 400
 

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from reprokit.archive import _format
-from reprokit.record._encoding import TAG
+from reprokit.archive._grammar import TAG
 
 # The library code embedded into every replay.py, in dependency order: the
 # descriptor checks (archive layer, no jax), then the portable package.
