@@ -72,18 +72,20 @@ def open_archive(
         bundled = _code.bundled_modules(manifest)
         allow = None if allow_modules is None else AllowList(tuple(allow_modules) + bundled)
         check_structure(structure, manifest, allow, max_array_bytes=limits.max_total_bytes)
-        for index, desc in enumerate(structure["arrays"]):
-            member = _format.array_member(index)
+        descriptors = structure["arrays"]
+        members = [_format.array_member(index) for index in range(len(descriptors))]
+        sizes = reader.sizes(members)
+        for index, (desc, size) in enumerate(zip(descriptors, sizes, strict=True)):
             if desc.get("fill") is not None or "checkpoint" in desc:
-                if member in reader:
+                if size is not None:
                     raise ArchiveError(
-                        f"array {index} has no payload member, yet {member!r} exists"
+                        f"array {index} has no payload member, yet {members[index]!r} exists"
                     )
                 continue
-            if member not in reader:
-                raise ArchiveError(f"archive is missing array payload {member!r}")
-            if reader.size(member) != desc["nbytes"]:
-                raise ArchiveError(f"member {member!r} has the wrong size for its array")
+            if size is None:
+                raise ArchiveError(f"archive is missing array payload {members[index]!r}")
+            if size != desc["nbytes"]:
+                raise ArchiveError(f"member {members[index]!r} has the wrong size for its array")
         to_verify = []
         for name in reader.names:
             # A flipped byte in any member refuses the whole archive, and a
