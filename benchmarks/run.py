@@ -403,6 +403,12 @@ def round2_targets(results: dict) -> list[dict]:
             _ratio(t["pack"], t["forward"] + t["lower"]),
             ROUND2_LIMITS["fixed"],
             _best_ratio(fixed["times"], "pack", ["forward", "lower"]),
+            note=(
+                f"jax.export alone {_ratio(t['export'], t['lower']):.2f}× lower(); "
+                f"pack / (forward + jax.export) {_ratio(t['pack'], t['forward'] + t['export']):.2f}×"
+                if "export" in t
+                else ""
+            ),
         )
         if fixed.get("self_check"):
             c = {k: median(v) for k, v in fixed["self_check"].items()}
