@@ -16,13 +16,13 @@ container before the tree exists.
 
 from __future__ import annotations
 
-import gc
 from collections.abc import Iterator
 from typing import Any
 
 import msgpack
 
 from reprokit._errors import ArchiveError
+from reprokit.archive._collector import collector_paused
 
 TAG = "$t"
 MAX_DEPTH = 200
@@ -273,21 +273,20 @@ def unpack_bytes(data: bytes, *, containers: int | None = None) -> Any:
     # The cyclic garbage collector would rescan every container built so far
     # each few hundred allocations (a flood of a million lists took 26 s);
     # what msgpack builds holds no cycles, so it is paused while parsing.
-    collecting = gc.isenabled()
     try:
-        gc.disable()  # inside the try: a signal can never leave it disabled
-        return msgpack.unpackb(
-            data,
-            raw=False,
-            strict_map_key=True,
-            use_list=True,
-            max_str_len=MAX_STRING,
-            max_bin_len=MAX_STRING,
-            max_array_len=MAX_NODES,
-            max_map_len=MAX_NODES,
-            max_ext_len=0,
-            **hooks,
-        )
+        with collector_paused():
+            return msgpack.unpackb(
+                data,
+                raw=False,
+                strict_map_key=True,
+                use_list=True,
+                max_str_len=MAX_STRING,
+                max_bin_len=MAX_STRING,
+                max_array_len=MAX_NODES,
+                max_map_len=MAX_NODES,
+                max_ext_len=0,
+                **hooks,
+            )
     except _TooManyContainers:
         raise ArchiveError(
             f"structure holds more than {limit} lists and maps; refused while parsing"
@@ -296,6 +295,3 @@ def unpack_bytes(data: bytes, *, containers: int | None = None) -> Any:
         raise ArchiveError("structure is nested too deeply") from None
     except Exception as error:  # msgpack raises many types for bad input
         raise ArchiveError(f"structure is not valid msgpack ({type(error).__name__})") from None
-    finally:
-        if collecting:
-            gc.enable()

@@ -12,15 +12,13 @@ multi-process path (`reprokit.capture._multihost`) takes over.
 
 from __future__ import annotations
 
-import contextlib
-import gc
 import os
 import sys
-from collections.abc import Iterator
 from typing import Any
 
 from reprokit._errors import UsageError
 from reprokit.archive import _format
+from reprokit.archive._collector import collector_paused
 from reprokit.capture._capture import CallRecord, capture_calls, choose_call
 from reprokit.capture._options import PackOptions
 from reprokit.capture._write import PackResult, write_archive
@@ -201,7 +199,7 @@ def pack_selection(
         return pack_multiprocess(
             selection, argument, side_inputs=dict(side_inputs or {}), out=out, options=options
         )
-    with gc_paused():
+    with collector_paused():
         capture = capture_calls(selection, argument, dict(side_inputs or {}), options.mode)
         record = choose_call(capture, options.call)
         if signature is not None:
@@ -218,24 +216,6 @@ def pack_selection(
             options=options,
             flax_path=capture.flax_path,
         )
-
-
-@contextlib.contextmanager
-def gc_paused() -> Iterator[None]:
-    """Pauses Python's cyclic garbage collector for the block (reference counting goes on).
-
-    A pack makes many small objects per leaf, and each full collection walks
-    everything alive (jax's own state included): with 4,000 leaves, pack and
-    load grew 2.3x per doubling with the collector on, linearly with it
-    paused. What a pack leaves in cycles is collected after it returns.
-    """
-    collecting = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if collecting:
-            gc.enable()
 
 
 def _shows(record: CallRecord, kind: str) -> bool:

@@ -10,13 +10,13 @@ recorded mode, and judge the outcome against the recorded signature.
 from __future__ import annotations
 
 import dataclasses
-import gc
 import os
 from typing import Any
 
 from reprokit._errors import ArchiveError, ReplayError
 from reprokit.archive import _format
 from reprokit.archive._allowlist import AllowList
+from reprokit.archive._collector import collector_paused
 from reprokit.archive._container import Limits
 from reprokit.archive._open import OpenedArchive, open_archive  # noqa: F401 (re-exported)
 from reprokit.archive._structure import RECORD_PARTS, check_structure  # noqa: F401 (re-exported)
@@ -89,12 +89,9 @@ def load_archive(
     `source` is a path, opened here under `limits`, or an archive the caller
     opened already (with `trust.modules`), which is closed when this returns.
     """
-    # The cyclic collector is paused while the archive is opened and the
-    # record rebuilt: each full collection walks everything alive, which made
-    # loading many small arrays grow faster than their count (pack pauses it too).
-    collecting = gc.isenabled()
-    gc.disable()
-    try:
+    # Paused while the archive is opened and the record rebuilt: full
+    # collections made loading many small arrays grow faster than their count.
+    with collector_paused():
         if isinstance(source, OpenedArchive):
             opened = source
         else:
@@ -106,9 +103,6 @@ def load_archive(
                 return _decode(opened, AllowList(allowed), config_overrides or {}, mesh)
         finally:
             opened.close()
-    finally:
-        if collecting:
-            gc.enable()
 
 
 def available_memory() -> int | None:

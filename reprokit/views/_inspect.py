@@ -13,8 +13,6 @@ allow-listed loader as `reprokit run` (still never calling the layer).
 
 from __future__ import annotations
 
-import contextlib
-import gc
 import math
 import os
 from collections.abc import Iterator
@@ -23,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from reprokit.archive import _format, _grammar
+from reprokit.archive._collector import collector_paused
 from reprokit.archive._grammar import TAG
 
 _MAX_OUTLINE_LINES = 400
@@ -212,7 +211,7 @@ def array_paths(record: dict) -> dict[int, str]:
     cache_0'].value`), not by their position in the tuple.
     """
     found: dict[int, str] = {}
-    with _collector_paused():
+    with collector_paused():
         for name, node in record.items():
             labels = _state_labels(name, node)
             # `walk_encoded`'s order (parents first, children in written
@@ -236,22 +235,6 @@ def array_paths(record: dict) -> dict[int, str]:
                 else:
                     stack.pop()
     return found
-
-
-@contextlib.contextmanager
-def _collector_paused() -> Iterator[None]:
-    """The cyclic garbage collector paused: what is built here (rows, paths) holds no cycles.
-
-    At 100,000 arrays, collections rescanning the whole record took longer
-    than the statistics themselves.
-    """
-    collecting = gc.isenabled()
-    try:
-        gc.disable()  # inside the try: a signal can never leave it disabled
-        yield
-    finally:
-        if collecting:
-            gc.enable()
 
 
 def _state_labels(name: str, node: Any) -> dict[str, str]:
@@ -414,7 +397,7 @@ def _scalar_value(values: np.ndarray, kind: str) -> Any:
 
 def archive_statistics(opened: Any) -> list[dict]:
     """Statistics of every array of an opened archive, each with its index and first path."""
-    with _collector_paused():
+    with collector_paused():
         return _archive_statistics(opened)
 
 

@@ -13,18 +13,16 @@ inside the wheel as `reprokit/templates/`.
 from __future__ import annotations
 
 import ast
-import contextlib
 import functools
-import gc
 import hashlib
 import math
 import os
 import re
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from reprokit.archive import _format
+from reprokit.archive._collector import collector_paused
 from reprokit.archive._grammar import TAG
 
 # The library code embedded into every replay.py, in dependency order: the
@@ -137,7 +135,7 @@ def render_replay_script(manifest: dict, tree: dict) -> str:
 
     manifest = json.loads(json.dumps(manifest, sort_keys=True))
     writer = _PythonWriter(tree["arrays"])
-    with _collector_paused():
+    with collector_paused():
         parts = {name: writer.expression(node, 1) for name, node in tree["record"].items()}
         return (
             _environment()
@@ -156,22 +154,6 @@ def render_replay_script(manifest: dict, tree: dict) -> str:
                 embedded=embedded_sources(),
             )
         )
-
-
-@contextlib.contextmanager
-def _collector_paused() -> Iterator[None]:
-    """The cyclic garbage collector paused while a script is written (its lists hold no cycles).
-
-    At 100,000 arrays, collections rescanning the whole record took a fifth
-    of the rendering.
-    """
-    collecting = gc.isenabled()
-    try:
-        gc.disable()  # inside the try: a signal can never leave it disabled
-        yield
-    finally:
-        if collecting:
-            gc.enable()
 
 
 def replay_script_status(opened: Any, *, isolated: bool = False) -> str:
