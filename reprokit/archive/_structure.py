@@ -201,14 +201,7 @@ def _check_record_tree(
             if tag == "array":  # most nodes of a big record
                 if node.keys() != _ARRAY_KEYS:
                     raise _malformed(tag, "unexpected or missing keys")
-                index = node["i"]
-                if not isinstance(index, int) or isinstance(index, bool):
-                    raise _malformed(tag, "its index is not an integer")
-                if not 0 <= index < array_count:
-                    raise ArchiveError(
-                        f"structure refers to array {index}, which the archive does not hold"
-                    )
-                referenced.add(index)
+                referenced.add(_array_index(node, array_count))
                 continue
             kids = _check_node(node, tag, array_count, rules, referenced)
         elif node is None or isinstance(node, _LEAF_TYPES):
@@ -232,6 +225,16 @@ def _check_record_tree(
             nodes += len(kids)
             continue
         push(zip(kids, itertools.repeat(child)))
+
+
+def _array_index(node: dict, array_count: int) -> int:
+    """An array node's index, refused unless it names one of the archive's arrays."""
+    index = node["i"]
+    if not isinstance(index, int) or isinstance(index, bool):
+        raise _malformed("array", "its index is not an integer")
+    if not 0 <= index < array_count:
+        raise ArchiveError(f"structure refers to array {index}, which the archive does not hold")
+    return index
 
 
 def _check_node(
@@ -274,14 +277,7 @@ def _check_node(
         ):
             raise _malformed(tag, "not a decimal integer")
     elif tag == "array":
-        index = node["i"]
-        if not isinstance(index, int) or isinstance(index, bool):
-            raise _malformed(tag, "its index is not an integer")
-        if not 0 <= index < array_count:
-            raise ArchiveError(
-                f"structure refers to array {index}, which the archive does not hold"
-            )
-        referenced.add(index)
+        referenced.add(_array_index(node, array_count))
     elif tag == "scalar":
         try:
             dtype = dtype_from_name(node["dtype"])
