@@ -1101,11 +1101,9 @@ class ArchiveReader:
                         raise ArchiveError(f"member {shown} is cut short")
                     if zlib.crc32(data) != expected[index]:
                         raise ArchiveError(f"member {shown} is corrupted (CRC mismatch)")
-            if not keep:
-                pass
-            elif in_order:
+            if keep and in_order:
                 out.extend(views)
-            else:
+            elif keep:
                 for index, view in zip(order_list[start:end], views, strict=True):
                     out[index] = view
             start = end
@@ -1901,14 +1899,14 @@ def _plain_members(
             os.posix_fadvise(file.fileno(), start, end - start, os.POSIX_FADV_WILLNEED)
     except (AttributeError, OSError):
         pass
-    table = bytearray(count * width)
-    rows = np.frombuffer(table, dtype=np.uint8).reshape(count, width)
+    header_bytes = bytearray(count * width)
+    rows = np.frombuffer(header_bytes, dtype=np.uint8).reshape(count, width)
     for first, last, start, end in blocks:
         data = pread(start, end - start)
         if len(data) != end - start:
             return None
         if last == first + 1:
-            table[first * width : first * width + len(data)] = data
+            header_bytes[first * width : first * width + len(data)] = data
         else:
             block = np.frombuffer(data, dtype=np.uint8)
             short = int(reach[last - 1]) - end
@@ -1966,19 +1964,15 @@ def _plain_members(
 
     data_offset = np.empty(count, dtype=np.int64)
     data_offset[order] = data_offsets
+    by_field = {
+        "method": method,
+        "compressed_size": compressed_size,
+        "size": size,
+        "header_offset": header_offset,
+        "data_offset": data_offset,
+    }
     columns = np.stack(
-        [
-            method,
-            fields["flags"],
-            fields["crc"],
-            compressed_size,
-            size,
-            header_offset,
-            data_offset,
-            fields["needed"],
-            fields["time"],
-            fields["date"],
-        ]
+        [by_field[f] if f in by_field else fields[f] for f in _FIELDS]
     ).astype(np.int64)
     table = _Table(names, None, columns)
     if len(table.index) != count:

@@ -139,13 +139,13 @@ def manifest_text(manifest: dict) -> str:
     """The manifest as stored: indented JSON, keys sorted, per-argument lists on one line each."""
     import uuid
 
-    short = {key: dict(value) if isinstance(value, dict) else value for key, value in manifest.items()}
+    short = dict(manifest)
     spliced = {}
     for section, field in _LONG_LISTS:
         if isinstance(short.get(section), dict) and field in short[section]:
             marker = f"reprokit-{uuid.uuid4().hex}"
             spliced[json.dumps(marker)] = json.dumps(short[section][field], sort_keys=True)
-            short[section][field] = marker
+            short[section] = {**short[section], field: marker}  # the caller's dict untouched
     text = json.dumps(short, indent=1, sort_keys=True)
     for marker, value in spliced.items():
         text = text.replace(marker, value, 1)

@@ -129,7 +129,9 @@ def child_nodes(node: Any) -> list[Any]:
     return []
 
 
-_PLAIN_TYPES = frozenset({type(None), bool, int, float, str, bytes})
+# The exact types msgpack parses plain values into: one set lookup decides
+# most nodes of a big tree.
+PLAIN_TYPES = frozenset({type(None), bool, int, float, str, bytes})
 
 
 def _plain_key(key: Any) -> bool:
@@ -151,7 +153,7 @@ def walk(root: Any, where: str = "") -> Iterator[tuple[str, Any]]:
             if node.get(TAG) == "array":
                 continue
         elif type(node) is not list:
-            if type(node) in _PLAIN_TYPES:
+            if type(node) in PLAIN_TYPES:
                 continue
         # Reversed so that the stack yields children in their written order.
         extend(reversed(children(node, path)))

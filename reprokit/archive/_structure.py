@@ -28,7 +28,14 @@ from reprokit.archive._allowlist import (
     check_name_for_viewing,
 )
 from reprokit.archive._descriptors import dtype_from_name
-from reprokit.archive._grammar import MAX_DEPTH, MAX_NODES, NODE_KEYS, TAG, child_nodes
+from reprokit.archive._grammar import (
+    MAX_DEPTH,
+    MAX_NODES,
+    NODE_KEYS,
+    PLAIN_TYPES,
+    TAG,
+    child_nodes,
+)
 
 RECORD_PARTS = (
     "submodel",
@@ -92,13 +99,10 @@ class _NameRules:
 
 def _name_value_pairs(items: Any, *, public: bool = False) -> bool:
     """Whether `items` is a list of [identifier, value] pairs (fields, keyword arguments)."""
-    if not isinstance(items, list):
+    if not isinstance(items, list) or not _pairs(items):
         return False
     # A loop, not all() over a generator: this runs for every object node.
-    for item in items:
-        if not isinstance(item, list) or len(item) != 2:
-            return False
-        name = item[0]
+    for name, _ in items:
         if not isinstance(name, str) or not name.isascii() or not name.isidentifier():
             return False
         if public and name.startswith("_"):
@@ -127,11 +131,9 @@ def _short_name(node: dict, tag: str) -> str:
     return name
 
 
-# The exact types msgpack parses plain values into: one set lookup per node
-# decides most nodes (subclasses, from in-memory trees, take the isinstance path).
-_PLAIN_TYPES = frozenset({type(None), bool, int, float, str, bytes})
+# Subclasses of the plain types (from in-memory trees) take the isinstance path.
 _LEAF_TYPES = (bool, int, float, str, bytes)
-_PLAIN_OR_NODE = _PLAIN_TYPES | {dict}
+_PLAIN_OR_NODE = PLAIN_TYPES | {dict}
 _ARRAY_KEYS = NODE_KEYS["array"]
 # Children lists at least this long are first tried as one batch (below).
 _BATCH = 8
@@ -192,7 +194,7 @@ def _check_record_tree(
         if nodes > MAX_NODES:
             raise ArchiveError("structure has too many nodes")
         cls = type(node)
-        if cls in _PLAIN_TYPES:
+        if cls in PLAIN_TYPES:
             continue
         if cls is list:
             kids = node

@@ -384,12 +384,7 @@ def array_statistics(desc: dict, raw: np.ndarray) -> dict:
 def _scalar_value(values: np.ndarray, kind: str) -> Any:
     """The one value of a one-element array, for the table; JSON-safe ("nan", "inf", "-inf")."""
     if kind == "float":
-        value = float(values.astype(np.float64)[0])
-        if math.isnan(value):
-            return "nan"
-        if math.isinf(value):
-            return "inf" if value > 0 else "-inf"
-        return value
+        return _first_value(float(values.astype(np.float64)[0]), kind)
     if kind == "bool":
         return bool(values[0])
     return values.astype(np.int64)[0].item() if values.dtype.kind not in "iu" else values[0].item()
@@ -402,7 +397,6 @@ def archive_statistics(opened: Any) -> list[dict]:
 
 
 def _archive_statistics(opened: Any) -> list[dict]:
-    from reprokit._errors import ArchiveError
 
     arrays = opened.structure["arrays"]
     where = array_paths(opened.structure["record"])
@@ -416,9 +410,8 @@ def _archive_statistics(opened: Any) -> list[dict]:
         if desc.get("fill") is not None:
             rows[index] = _row(index, where, fill_statistics(desc))
             continue
+        # `open_archive` checked every payload member's size against its descriptor.
         member = _format.array_member(index)
-        if reader.size(member) != desc["nbytes"]:
-            raise ArchiveError(f"member {member!r} has the wrong size for its array")
         if desc["kind"] != "key" and 0 < desc["nbytes"] <= _BATCH_BYTES:
             small.append(index)
             members.append(member)
@@ -459,11 +452,11 @@ def _small_statistics(
 ) -> None:
     """The rows of `array_statistics` for many small arrays at once, equal to it value for value.
 
-    The payloads of one dtype are joined into one flat array, and each
-    statistic is a segment reduction over it (`np.minimum.reduceat` and the
-    like). A segment sum is numpy's pairwise sum of that segment, as
-    `array_statistics` sums one array, and the finite values are gathered
-    first, so min, max and mean are over the same values in the same order.
+    The payloads of one dtype are joined into one flat array: NaN and Inf
+    counts are segment sums over it (`np.add.reduceat`), and min, max and
+    sum reduce the rows of blocks of arrays with as many finite values (see
+    `_segment_statistics`), so they are over the same values, summed in the
+    same order, as `array_statistics` gives one array.
     Kinds a segment cannot express (complex; integers longer than numpy's
     cast buffer) go through `array_statistics`.
     """
@@ -567,8 +560,6 @@ def _segment_statistics(
             if kind == "bool":
                 low, high = bool(low), bool(high)
         stats = {
-            "index": index,
-            "where": where.get(index, "(unused)"),
             "kind": desc["kind"],
             "dtype": desc["dtype"],
             "shape": list(desc["shape"]),
@@ -583,11 +574,11 @@ def _segment_statistics(
         }
         if size == 1:
             stats["value"] = _first_value(firsts[row], kind)
-        rows[index] = stats
+        rows[index] = _row(index, where, stats)
 
 
 def _first_value(value: Any, kind: str) -> Any:
-    """`_scalar_value` of a one-element array from its value (float64, or a Python int)."""
+    """The table's value of a one-element array from its value (float64, or a Python int)."""
     if kind == "float":
         if math.isnan(value):
             return "nan"
