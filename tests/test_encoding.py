@@ -25,7 +25,7 @@ def round_trip(value, allow=()):
     """Encode, serialise, parse and decode `value`, with arrays through raw bytes."""
     payloads = []
 
-    def on_array(array, where):
+    def on_array(array):
         desc, data = describe(array)
         payloads.append((desc, np.frombuffer(data.tobytes(), dtype=np.uint8)))
         return len(payloads) - 1
@@ -173,7 +173,7 @@ def test_user_classes_need_their_module_allowed():
     with pytest.raises(RefusedTypeError, match="--allow-module custom_layers"):
         payloads = []
         node = encode_tree(
-            layer, lambda a, w: payloads.append(a) or 0, extra_modules=("custom_layers",)
+            layer, lambda a: payloads.append(a) or 0, extra_modules=("custom_layers",)
         )
         decode_tree(node, AllowList(), lambda i: None)
 
@@ -183,8 +183,8 @@ def test_values_that_cannot_be_saved_are_refused_with_their_location():
         pass
 
     with pytest.raises(CaptureError, match=r"record\['k'\]"):
-        encode_tree({"k": object()}, lambda a, w: 0)
+        encode_tree({"k": object()}, lambda a: 0)
     with pytest.raises(CaptureError, match="closure|inside another function"):
-        encode_tree({"k": Local}, lambda a, w: 0)
+        encode_tree({"k": Local}, lambda a: 0)
     with pytest.raises(CaptureError, match="lambda"):
-        encode_tree([lambda x: x], lambda a, w: 0)
+        encode_tree([lambda x: x], lambda a: 0)

@@ -157,7 +157,7 @@ def _unique_arrays(record: Any, allow: tuple[str, ...], aliases: dict | None) ->
 
     seen: dict[int, Any] = {}
 
-    def on_array(value: Any, where: str) -> int:
+    def on_array(value: Any) -> int:
         seen.setdefault(id(value), value)
         return 0
 

@@ -21,7 +21,7 @@ from typing import Any
 
 from reprokit._errors import CaptureError, UsageError
 from reprokit._progress import progress
-from reprokit.archive import _allowlist, _format, _grammar
+from reprokit.archive import _allowlist, _format
 from reprokit.archive._container import ArchiveWriter
 from reprokit.archive._trust import TrustPolicy
 from reprokit.capture import _redact
@@ -34,6 +34,7 @@ from reprokit.environment._snapshot import capture_environment
 from reprokit.portable._arrays import describe, repeated_element
 from reprokit.portable._verdict import detect_signature
 from reprokit.record import _encoding
+from reprokit.views import _script
 from reprokit.views._issue import GITHUB_ATTACHMENT_LIMIT, write_issue_snippet
 
 _PROGRESS_BYTES = 256 * 2**20  # smaller archives are written before a bar would be read
@@ -196,7 +197,7 @@ def write_archive(
     if sig["kind"] == "exception":
         sig["message"] = _format.printable(scrub_text(sig["message"]))
     arrays: list[Any] = []
-    modules: set[str] = set()
+    names: set[str] = set()
     tree = _encode_record(
         record,
         arrays,
@@ -204,8 +205,9 @@ def write_archive(
         all_fills=bool(spec) or limit is not None or options.compress,
         module_aliases=aliases,
         describe_array=describe_array,
-        modules_out=modules,
+        names_out=names,
     )
+    modules = _needed_modules(names)
     manifest = {
         "format": _format.FORMAT_NAME,
         "format_version": _format.FORMAT_VERSION,
@@ -267,7 +269,17 @@ def write_archive(
         if options.check
         else None
     )
-    self_check = _write(out, manifest, tree, arrays, stablehlo_bytes, trust, deflate, members)
+    self_check = _write(
+        out,
+        manifest,
+        tree,
+        arrays,
+        stablehlo_bytes,
+        trust,
+        deflate,
+        members,
+        needs_flax=_script.names_need_flax(names),
+    )
     result = PackResult(
         path=out,
         signature=sig,
@@ -315,7 +327,7 @@ def _encode_record(
     all_fills: bool = False,
     module_aliases: dict[str, str] | None = None,
     describe_array: Any = None,
-    modules_out: set[str] | None = None,
+    names_out: set[str] | None = None,
 ) -> dict:
     """Encodes a call; `arrays` receives each payload (None for an array stored as a fill).
 
@@ -324,12 +336,12 @@ def _encode_record(
     any size with `all_fills` (when redacting or fitting a size, where every
     byte counts). `module_aliases` renames script modules (`--bundle-code`);
     `describe_array` replaces `_arrays.describe` (a None payload: stored elsewhere).
-    `modules_out` receives the user modules the record names (not the allow-list's).
+    `names_out` receives every class and function name the encoded record names.
     """
     seen: dict[int, int] = {}
     descriptors: list[dict] = []
 
-    def on_array(value: Any, where: str) -> int:
+    def on_array(value: Any) -> int:
         index = seen.get(id(value))
         if index is None:
             desc, data = (describe_array or describe)(value)
@@ -347,15 +359,20 @@ def _encode_record(
         return index
 
     parts = _record_parts(record)
+    # The encoder reports the names it writes: no walk of the encoded tree for them.
+    names: set[str] = set()
     encoded = {
         name: _encoding.encode_tree(
-            value, on_array, where=name, extra_modules=allow, module_aliases=module_aliases
+            value,
+            on_array,
+            where=name,
+            extra_modules=allow,
+            module_aliases=module_aliases,
+            names_out=names,
         )
         for name, value in parts.items()
     }
-    # One walk of the tree for the user modules it names (the manifest's
-    # `modules`, the reporter's own modules): it is the size of the record.
-    modules = _needed_modules(encoded)
+    modules = _needed_modules(names)
     # Refuse at pack time what the loader would refuse at replay time, but for
     # the reporter's own modules: their code on their machine is trusted.
     try:
@@ -366,15 +383,13 @@ def _encode_record(
         )
     except Exception as error:
         raise CaptureError(f"the record would not load again: {error}") from None
-    if modules_out is not None:
-        modules_out.update(modules)
+    if names_out is not None:
+        names_out.update(names)
     return {"record": encoded, "arrays": descriptors}
 
 
-def _needed_modules(record: dict) -> set[str]:
-    """The user modules an encoded record (its parts by name) names, beside the allow-list's."""
-    # Each distinct name is checked once: 10,000 NamedArrays name one class 10,000 times.
-    names = {name for part in record.values() for name in _grammar.named(part)}
+def _needed_modules(names: set[str]) -> set[str]:
+    """The user modules among the class and function names a record names, beside the allow-list's."""
     return {
         name.split(":")[0]
         for name in names
@@ -434,15 +449,16 @@ def _write(
     check_with: TrustPolicy | None,
     compress: set[int] = frozenset(),
     extra_members: list[tuple[str, bytes]] | tuple = (),
+    *,
+    needs_flax: bool = False,
 ) -> dict | None:
     """Writes the archive; with `check_with`, self-checks it before it is moved into place.
 
     `extra_members` (bundled code, a multi-process checkpoint) are added as
     (name, bytes); `check_with` is the trust the self-check replays with (the
-    reporter's modules, and their bundled code).
+    reporter's modules, and their bundled code). `needs_flax`: the record
+    names Flax, so requirements.txt pins it.
     """
-    from reprokit.views import _script
-
     structure = _encoding.pack_bytes(tree)
     with ArchiveWriter(out) as writer:
         writer.add_bytes(_format.MANIFEST, _format.manifest_text(manifest).encode())
@@ -468,7 +484,7 @@ def _write(
             compress=True,
         )
         writer.add_bytes(_format.README, _script.render_readme(manifest).encode(), compress=True)
-        writer.add_bytes(_format.REQUIREMENTS, _script.render_requirements(manifest, tree).encode())
+        writer.add_bytes(_format.REQUIREMENTS, _script.render_requirements(manifest, flax=needs_flax).encode())
         if stablehlo is not None:
             writer.add_bytes(_format.STABLEHLO, stablehlo, compress=True)
         if check_with is None:

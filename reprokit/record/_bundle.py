@@ -99,7 +99,7 @@ def prepare(parts: dict, allow_modules: tuple[str, ...]) -> Bundle:
     encoded = [
         _encoding.encode_tree(
             value,
-            lambda array, where: 0,
+            lambda array: 0,
             where=name,
             extra_modules=tuple(allow_modules),
             module_aliases=aliases,

@@ -31,6 +31,7 @@ from reprokit.archive._grammar import (  # noqa: F401 (re-exported: the grammar'
     MAX_DEPTH,
     MAX_NODES,
     MAX_STRING,
+    PLAIN_TYPES,
     TAG,
     pack_bytes,
     unpack_bytes,
@@ -41,9 +42,18 @@ from reprokit.record import _flax, _names
 
 
 class _Encoder:
+    """Encodes one tree; `names` collects every class and function name it writes.
+
+    How a value is encoded depends only on its type (the one exception, an
+    int's range, is checked per value), so the choice is made once per type
+    and kept in `_handlers`: a record of 10,000 NamedArrays holds three types.
+    Paths (`where`) are built only when an error needs one: a node's path is
+    its parent's path and one step, kept as a tuple until it is printed.
+    """
+
     def __init__(
         self,
-        on_array: Callable[[Any, str], int],
+        on_array: Callable[[Any], int],
         extra_modules: tuple[str, ...],
         aliases: dict[str, str] | None = None,
     ):
@@ -51,110 +61,139 @@ class _Encoder:
         self._extra_modules = extra_modules
         self._aliases = aliases or {}
         self._jax = __import__("jax")
+        self.names: set[str] = set()
+        self._handlers: dict[type, Callable[[Any, Any, int], Any]] = {}
+        self._plans: dict[type, tuple[str, tuple[str, ...], bool]] = {}
 
-    def encode(self, value: Any, where: str, depth: int = 0) -> Any:
+    def encode(self, value: Any, where: Any, depth: int = 0) -> Any:
         if depth > MAX_DEPTH:
-            raise CaptureError(f"{where} is nested more than {MAX_DEPTH} levels deep")
-        if value is None or isinstance(value, (bool, str, bytes)):
-            return value
-        if isinstance(value, int) and type(value) is int:
-            return value if -(2**63) <= value < 2**64 else {TAG: "int", "v": str(value)}
-        if type(value) is float:
-            return value
-        if isinstance(value, (self._jax.Array, np.ndarray)):
-            if isinstance(value, self._jax.core.Tracer):
-                raise CaptureError(_TRACER_MESSAGE.format(where=where))
-            return {TAG: "array", "i": self._on_array(value, where)}
-        if isinstance(value, np.generic):
-            desc_dtype = value.dtype
-            _arrays_check(desc_dtype, where)
-            return {TAG: "scalar", "dtype": desc_dtype.name, "v": value.tobytes()}
-        if isinstance(value, self._jax.core.Tracer):
-            raise CaptureError(_TRACER_MESSAGE.format(where=where))
-        if type(value) is list:
-            return [self.encode(v, f"{where}[{i}]", depth + 1) for i, v in enumerate(value)]
-        if type(value) is tuple:
-            return {
-                TAG: "tuple",
-                "v": [self.encode(v, f"{where}[{i}]", depth + 1) for i, v in enumerate(value)],
-            }
-        if type(value) in (dict, collections.OrderedDict):
-            items = [
-                [
-                    self.encode(k, f"{where} key", depth + 1),
-                    self.encode(v, f"{where}[{k!r}]", depth + 1),
-                ]
-                for k, v in value.items()
-            ]
-            return {TAG: "dict" if type(value) is dict else "odict", "v": items}
-        if isinstance(value, enum.Enum):
-            return {
-                TAG: "enum",
-                "type": _names.name_of_type(type(value), where, self._aliases),
-                "name": value.name,
-            }
-        if isinstance(value, type):
-            return self._encode_type(value, where)
-        if isinstance(value, np.dtype):
-            _arrays_check(value, where)
-            return {TAG: "dtype", "name": value.name}
-        if type(value) is frozenset:
-            items = [self.encode(v, f"{where} item", depth + 1) for v in value]
-            # Set order follows string hashing, which changes between runs:
-            # sort the encoded items so that one model always writes one archive.
-            items.sort(key=pack_bytes)
-            return {TAG: "frozenset", "v": items}
-        if dataclasses.is_dataclass(value):
-            if _flax.is_flax_module_class(type(value)):
-                _flax.check_capture(value, where)
-            fields = [
-                [f.name, self.encode(getattr(value, f.name), f"{where}.{f.name}", depth + 1)]
-                for f in dataclasses.fields(value)
-            ]
-            name = _names.name_of_type(type(value), where, self._aliases)
-            return {TAG: "obj", "type": name, "f": fields}
-        if isinstance(value, functools.partial):
-            return {
-                TAG: "partial",
-                "fn": self.encode(value.func, f"{where}.func", depth + 1),
-                "args": [self.encode(a, f"{where}.args", depth + 1) for a in value.args],
-                "kw": [
-                    [k, self.encode(v, f"{where}.{k}", depth + 1)]
-                    for k, v in value.keywords.items()
-                ],
-            }
-        if type(value) is slice:
-            return {
-                TAG: "slice",
-                "v": [
-                    self.encode(v, where, depth + 1) for v in (value.start, value.stop, value.step)
-                ],
-            }
-        if type(value) is complex:
-            return {TAG: "complex", "v": [value.real, value.imag]}
-        if callable(value):
-            made = _flax.initializer_call(value)
-            if made is not None:
-                factory, keywords = made
-                return {
-                    TAG: "initializer",
-                    "factory": factory,
-                    "kw": [
-                        [k, self.encode(v, f"{where}.{k}", depth + 1)] for k, v in keywords.items()
-                    ],
-                }
-            return {
-                TAG: "fn",
-                "name": _names.name_of_callable(
-                    value, where, self._extra_modules, self._aliases
-                ),
-            }
-        raise CaptureError(
-            f"{where} holds a {type(value).__module__}.{type(value).__qualname__}, which reprokit "
-            "cannot save; use arrays, numbers, strings, containers, penzai Structs or dataclasses"
-        )
+            raise CaptureError(f"{_path(where)} is nested more than {MAX_DEPTH} levels deep")
+        handler = self._handlers.get(type(value))
+        if handler is None:
+            handler = self._handlers[type(value)] = self._handler_for(value)
+        return handler(value, where, depth)
 
-    def _encode_type(self, cls: type, where: str) -> dict:
+    def _handler_for(self, value: Any) -> Callable[[Any, Any, int], Any]:
+        """How values of exactly `value`'s type are encoded (the checks run in this order)."""
+        jax, cls = self._jax, type(value)
+        if cls is type(None) or issubclass(cls, (bool, str, bytes)) or cls is float:
+            return _encode_as_is
+        if cls is int:
+            return _encode_int
+        if issubclass(cls, jax.core.Tracer):
+            return _encode_tracer
+        if issubclass(cls, (jax.Array, np.ndarray)):
+            return self._array
+        if issubclass(cls, np.generic):
+            return _encode_scalar
+        if cls is list:
+            return self._list
+        if cls is tuple:
+            return self._tuple
+        if cls is dict or cls is collections.OrderedDict:
+            return self._dict
+        if issubclass(cls, enum.Enum):
+            return self._enum
+        if issubclass(cls, type):
+            return lambda value, where, depth: self._encode_type(value, where)
+        if issubclass(cls, np.dtype):
+            return _encode_dtype
+        if cls is frozenset:
+            return self._frozenset
+        if dataclasses.is_dataclass(value):
+            return self._dataclass
+        if issubclass(cls, functools.partial):
+            return self._partial
+        if cls is slice:
+            return self._slice
+        if cls is complex:
+            return _encode_complex
+        if callable(value):  # for an instance, a property of its type
+            return self._callable
+        return _encode_unsaveable
+
+    def _array(self, value: Any, where: Any, depth: int) -> dict:
+        return {TAG: "array", "i": self._on_array(value)}
+
+    def _list(self, value: list, where: Any, depth: int) -> list:
+        encode, depth = self.encode, depth + 1
+        return [encode(v, (where, "[{}]", i), depth) for i, v in enumerate(value)]
+
+    def _tuple(self, value: tuple, where: Any, depth: int) -> dict:
+        return {TAG: "tuple", "v": self._list(value, where, depth)}
+
+    def _dict(self, value: dict, where: Any, depth: int) -> dict:
+        encode, depth = self.encode, depth + 1
+        items = [
+            [encode(k, (where, " key", None), depth), encode(v, (where, "[{!r}]", k), depth)]
+            for k, v in value.items()
+        ]
+        return {TAG: "dict" if type(value) is dict else "odict", "v": items}
+
+    def _enum(self, value: enum.Enum, where: Any, depth: int) -> dict:
+        return {TAG: "enum", "type": self._class_name(type(value), where), "name": value.name}
+
+    def _frozenset(self, value: frozenset, where: Any, depth: int) -> dict:
+        items = [self.encode(v, (where, " item", None), depth + 1) for v in value]
+        # Set order follows string hashing, which changes between runs:
+        # sort the encoded items so that one model always writes one archive.
+        items.sort(key=pack_bytes)
+        return {TAG: "frozenset", "v": items}
+
+    def _dataclass(self, value: Any, where: Any, depth: int) -> dict:
+        plan = self._plans.get(type(value))
+        if plan is None:
+            cls = type(value)
+            plan = self._plans[cls] = (
+                self._class_name(cls, where),
+                tuple(f.name for f in dataclasses.fields(cls)),
+                _flax.is_flax_module_class(cls),
+            )
+        name, fields, is_flax = plan
+        if is_flax:
+            _flax.check_capture(value, _path(where))
+        encode, depth = self.encode, depth + 1
+        return {
+            TAG: "obj",
+            "type": name,
+            "f": [[f, encode(getattr(value, f), (where, ".{}", f), depth)] for f in fields],
+        }
+
+    def _partial(self, value: functools.partial, where: Any, depth: int) -> dict:
+        encode, depth = self.encode, depth + 1
+        return {
+            TAG: "partial",
+            "fn": encode(value.func, (where, ".func", None), depth),
+            "args": [encode(a, (where, ".args", None), depth) for a in value.args],
+            "kw": [[k, encode(v, (where, ".{}", k), depth)] for k, v in value.keywords.items()],
+        }
+
+    def _slice(self, value: slice, where: Any, depth: int) -> dict:
+        parts = (value.start, value.stop, value.step)
+        return {TAG: "slice", "v": [self.encode(v, where, depth + 1) for v in parts]}
+
+    def _callable(self, value: Any, where: Any, depth: int) -> dict:
+        made = _flax.initializer_call(value)
+        if made is not None:
+            factory, keywords = made
+            self.names.add(factory)
+            return {
+                TAG: "initializer",
+                "factory": factory,
+                "kw": [
+                    [k, self.encode(v, (where, ".{}", k), depth + 1)] for k, v in keywords.items()
+                ],
+            }
+        name = _names.name_of_callable(value, _path(where), self._extra_modules, self._aliases)
+        self.names.add(name)
+        return {TAG: "fn", "name": name}
+
+    def _class_name(self, cls: type, where: Any) -> str:
+        name = _names.name_of_type(cls, _path(where), self._aliases)
+        self.names.add(name)
+        return name
+
+    def _encode_type(self, cls: type, where: Any) -> dict:
         jnp = self._jax.numpy
         if isinstance(cls, type(jnp.float32)) and getattr(jnp, cls.__name__, None) is cls:
             return {TAG: "jnp_type", "name": cls.__name__}
@@ -165,12 +204,55 @@ class _Encoder:
                 return {TAG: "np_type", "name": cls.__name__}
         if cls in _BUILTIN_TYPES.values():
             return {TAG: "builtin_type", "name": cls.__name__}
-        return {TAG: "type", "name": _names.name_of_type(cls, where, self._aliases)}
+        return {TAG: "type", "name": self._class_name(cls, where)}
 
 
-def _arrays_check(dtype: np.dtype, where: str) -> None:
+def _path(where: Any) -> str:
+    """The printable path of a lazily built `where` (a string, or (parent, step format, value))."""
+    steps = []
+    while type(where) is tuple:
+        where, form, value = where
+        steps.append(form.format(value))
+    return str(where) + "".join(reversed(steps))
+
+
+def _encode_as_is(value: Any, where: Any, depth: int) -> Any:
+    return value
+
+
+def _encode_int(value: int, where: Any, depth: int) -> Any:
+    return value if -(2**63) <= value < 2**64 else {TAG: "int", "v": str(value)}
+
+
+def _encode_tracer(value: Any, where: Any, depth: int) -> Any:
+    raise CaptureError(_TRACER_MESSAGE.format(where=_path(where)))
+
+
+def _encode_scalar(value: np.generic, where: Any, depth: int) -> dict:
+    _arrays_check(value.dtype, where)
+    return {TAG: "scalar", "dtype": value.dtype.name, "v": value.tobytes()}
+
+
+def _encode_dtype(value: np.dtype, where: Any, depth: int) -> dict:
+    _arrays_check(value, where)
+    return {TAG: "dtype", "name": value.name}
+
+
+def _encode_complex(value: complex, where: Any, depth: int) -> dict:
+    return {TAG: "complex", "v": [value.real, value.imag]}
+
+
+def _encode_unsaveable(value: Any, where: Any, depth: int) -> Any:
+    raise CaptureError(
+        f"{_path(where)} holds a {type(value).__module__}.{type(value).__qualname__}, which "
+        "reprokit cannot save; use arrays, numbers, strings, containers, penzai Structs or "
+        "dataclasses"
+    )
+
+
+def _arrays_check(dtype: np.dtype, where: Any) -> None:
     if dtype.kind not in "biufc" and dtype.name not in _allowlist_dtype_names():
-        raise CaptureError(f"{where} has dtype {dtype}, which reprokit cannot save")
+        raise CaptureError(f"{_path(where)} has dtype {dtype}, which reprokit cannot save")
 
 
 @functools.cache
@@ -194,18 +276,26 @@ _BUILTIN_TYPES = {t.__name__: t for t in (int, float, bool, str, complex, bytes,
 
 def encode_tree(
     value: Any,
-    on_array: Callable[[Any, str], int],
+    on_array: Callable[[Any], int],
     *,
     where: str = "record",
     extra_modules: tuple[str, ...] = (),
     module_aliases: dict[str, str] | None = None,
+    names_out: set[str] | None = None,
 ) -> Any:
-    """Encodes `value` into msgpack-ready data; `on_array(array, where)` returns each array's index.
+    """Encodes `value` into msgpack-ready data; `on_array(array)` returns each array's index.
 
     `module_aliases` renames the modules classes and functions are named by
     (a script's `__main__` becomes its bundled module with `--bundle-code`).
+    `names_out` receives every class and function name written (what
+    `reprokit.archive._grammar.named` finds in the result), so that callers
+    need not walk the encoded tree again to learn them.
     """
-    return _Encoder(on_array, extra_modules, module_aliases).encode(value, where)
+    encoder = _Encoder(on_array, extra_modules, module_aliases)
+    encoded = encoder.encode(value, where)
+    if names_out is not None:
+        names_out.update(encoder.names)
+    return encoded
 
 
 # ------------------------------------------------------------------ decoding
@@ -248,12 +338,17 @@ class Decoder:
             raise ArchiveError(f"structure is nested more than {MAX_DEPTH} levels deep")
         if self._nodes > MAX_NODES:
             raise ArchiveError("structure has too many nodes")
-        if node is None or isinstance(node, (bool, int, float, str, bytes)):
+        kind = type(node)
+        # Exact types first: msgpack returns exactly these, and most nodes are one.
+        if kind in PLAIN_TYPES:
             return node
-        if isinstance(node, list):
-            return [self.decode(v, depth + 1) for v in node]
-        if not isinstance(node, dict):
-            raise ArchiveError(f"structure holds an unexpected {type(node).__name__}")
+        if kind is not dict:
+            if node is None or isinstance(node, (bool, int, float, str, bytes)):
+                return node
+            if isinstance(node, list):
+                return [self.decode(v, depth + 1) for v in node]
+            if not isinstance(node, dict):
+                raise ArchiveError(f"structure holds an unexpected {type(node).__name__}")
         tag = node.get(TAG)
         handler = _HANDLERS.get(tag) if isinstance(tag, str) else None
         if handler is None:
@@ -273,15 +368,17 @@ class Decoder:
 
     def _pairs(self, node: dict, depth: int) -> list[tuple[Any, Any]]:
         pairs = []
+        decode = self.decode
         for item in node["v"]:
-            if not isinstance(item, list) or len(item) != 2:
+            if type(item) is not list or len(item) != 2:
                 raise ArchiveError("structure has a malformed dict entry")
-            key = self.decode(item[0], depth)
-            try:
-                hash(key)  # keys are plain values or frozen allow-listed dataclasses
-            except TypeError:
-                raise ArchiveError("structure has a dict key that is not hashable") from None
-            pairs.append((key, self.decode(item[1], depth)))
+            key = decode(item[0], depth)
+            if type(key) is not str:
+                try:
+                    hash(key)  # keys are plain values or frozen allow-listed dataclasses
+                except TypeError:
+                    raise ArchiveError("structure has a dict key that is not hashable") from None
+            pairs.append((key, decode(item[1], depth)))
         return pairs
 
     def _plan(self, name: Any) -> tuple[Any, list[str], str]:
@@ -292,12 +389,7 @@ class Decoder:
         cls = self.resolve_type(name)
         if not dataclasses.is_dataclass(cls):
             raise RefusedTypeError(f"{name!r} is not a dataclass")
-        if getattr(cls, "from_attributes", None) is not None and _is_penzai_struct(cls):
-            build = "struct"
-        elif _flax.is_flax_module_class(cls):
-            build = "flax"
-        else:
-            build = "fields"
+        build = "flax" if _flax.is_flax_module_class(cls) else "fields"
         plan = (cls, [f.name for f in dataclasses.fields(cls)], build)
         if type(name) is str:
             self._plans[name] = plan
@@ -306,17 +398,21 @@ class Decoder:
     def _obj(self, node: dict, depth: int) -> Any:
         cls, expected, build = self._plan(node["type"])
         given = node["f"]
-        if (
-            not isinstance(given, list)
-            or [f[0] if isinstance(f, list) else None for f in given] != expected
-        ):
+        if type(given) is not list or len(given) != len(expected):
             raise ArchiveError(f"fields of {node['type']!r} in the archive do not match the class")
-        values = {name: self.decode(value, depth) for name, value in given}
-        if build == "struct":
-            return cls.from_attributes(**values)
+        values = {}
+        decode = self.decode
+        for field, name in zip(given, expected, strict=True):
+            if type(field) is not list or len(field) != 2 or field[0] != name:
+                raise ArchiveError(
+                    f"fields of {node['type']!r} in the archive do not match the class"
+                )
+            values[name] = decode(field[1], depth)
         if build == "flax":
             return _flax.rebuild_module(cls, values)
         # Never run __init__/__post_init__: build the instance field by field.
+        # (What penzai's `Struct.from_attributes` does once it has checked the
+        # field names, which the loop above has just done.)
         instance = object.__new__(cls)
         for name, value in values.items():
             object.__setattr__(instance, name, value)
@@ -336,12 +432,6 @@ class Decoder:
         if not isinstance(raw, bytes) or len(raw) != dtype.itemsize:
             raise ArchiveError("structure holds a malformed numpy scalar")
         return np.frombuffer(raw, dtype=dtype)[0]
-
-
-def _is_penzai_struct(cls: type) -> bool:
-    from penzai.core.struct import Struct
-
-    return issubclass(cls, Struct)
 
 
 def _jnp_type(decoder: Decoder, node: dict, depth: int) -> Any:

@@ -18,6 +18,7 @@ import hashlib
 import math
 import os
 import re
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -276,20 +277,23 @@ def needs_flax(tree: dict) -> bool:
     """Whether an encoded structure names Flax (or penzai's Flax bridge), so replaying needs flax."""
     from reprokit.archive._grammar import named
 
-    return any(
-        name.startswith(_FLAX_NAMES) for part in tree["record"].values() for name in named(part)
-    )
+    return names_need_flax(name for part in tree["record"].values() for name in named(part))
 
 
-def render_requirements(manifest: dict, tree: dict | None = None) -> str:
-    """Pinned versions of what `replay.py` needs, as recorded (flax too when `tree` names it)."""
+def names_need_flax(names: Iterable[str]) -> bool:
+    """Whether any of these class and function names is Flax's (or penzai's Flax bridge)."""
+    return any(name.startswith(_FLAX_NAMES) for name in names)
+
+
+def render_requirements(manifest: dict, *, flax: bool = False) -> str:
+    """Pinned versions of what `replay.py` needs, as recorded (and flax, when the record names it)."""
     packages = manifest["environment"].get("packages", {})
     lines = [
         f"{name}=={packages[name]}"
         for name in ("jax", "jaxlib", "penzai", "numpy", "ml_dtypes")
         if packages.get(name)
     ]
-    if tree is not None and needs_flax(tree):
+    if flax:
         lines.append(f"flax=={packages['flax']}" if packages.get("flax") else "flax")
     if (manifest.get("multiprocess") or {}).get("checkpoint"):
         lines.append("tensorstore")  # reads the multi-process capture's checkpoint/
@@ -303,6 +307,7 @@ class _PythonWriter:
         self._arrays = arrays
         self.imports: set[str] = set()
         self._comments: dict[int, str] = {}  # an array's comment, by index
+        self._names: dict[str, str] = {}  # a written class or function name, by its encoded name
         # Whether a name written names Flax: the writer writes every name
         # `_grammar.named` finds, so this is `needs_flax` of what it wrote.
         self.names_flax = False
@@ -311,6 +316,23 @@ class _PythonWriter:
         return self._emit(node, level)
 
     def _emit(self, node: Any, level: int) -> str:
+        # Exact types first, the nodes of a big record most often first: a
+        # NamedArray is an obj node, a str, an odict and an array node.
+        kind = type(node)
+        if kind is dict:
+            tag = node[TAG]
+            if tag == "array":
+                return f"array({node['i']})"
+            if tag == "obj":
+                cls = self._name(node["type"])
+                emit, inner = self._emit, level + 1
+                fields = [f"{name}={emit(value, inner)}" for name, value in node["f"]]
+                return self._sequence(f"build({cls}, ", ")", fields, level, head=f"build({cls},")
+        elif kind is str or kind is int:
+            return repr(node)
+        return self._emit_any(node, level)
+
+    def _emit_any(self, node: Any, level: int) -> str:
         if isinstance(node, float):
             return _float(node)
         if node is None or isinstance(node, (bool, int, str, bytes)):
@@ -384,11 +406,14 @@ class _PythonWriter:
         raise ValueError(f"cannot write node kind {tag!r} as Python")
 
     def _name(self, name: str) -> str:
-        module, qualname = name.split(":")
-        self.imports.add(module)
-        if name.startswith(_FLAX_NAMES):
-            self.names_flax = True
-        return f"{module}.{qualname}"
+        written = self._names.get(name)
+        if written is None:
+            module, qualname = name.split(":")
+            self.imports.add(module)
+            if name.startswith(_FLAX_NAMES):
+                self.names_flax = True
+            written = self._names[name] = f"{module}.{qualname}"
+        return written
 
     def _sequence(
         self, open_: str, close: str, items: list[str], level: int, head: str | None = None
