@@ -91,8 +91,9 @@ class _Capturer(pz.nn.Layer):
 
     def __call__(self, argument, /, **side_inputs):
         frozen = pz.freeze_params(self.wrapped)
-        (submodel, stateless_arg, stateless_sides), variables = pz.unbind_variables(
-            (frozen, argument, side_inputs)
+        what = "the selected layer's input"
+        (submodel, stateless_arg, stateless_sides), variables = _unbind(
+            (frozen, argument, side_inputs), what
         )
         for var in variables:
             if not isinstance(var, pz.StateVariable):
@@ -100,9 +101,7 @@ class _Capturer(pz.nn.Layer):
                     f"the selected layer holds {type(var).__name__}; expected StateVariables"
                 )
         initial = pz.freeze_variables(variables)
-        _refuse_tracers(
-            (submodel, stateless_arg, stateless_sides, initial), "the selected layer's input"
-        )
+        _refuse_tracers(initial, what)
         index = len(self.calls.value)
         record = dict(
             index=index,
@@ -131,11 +130,37 @@ class _Capturer(pz.nn.Layer):
 def _refuse_tracers(tree: Any, what: str) -> None:
     for leaf in jax.tree_util.tree_leaves(tree):
         if isinstance(leaf, jax.core.Tracer):
-            raise CaptureError(
-                f"{what} holds traced values: reprokit.pack was called inside jax.jit/vmap/grad or "
-                "a user jax.jit around the model. Call pack outside any transformation with concrete "
-                "arrays; pass mode='jit' to record the layer under jit"
-            )
+            raise _traced(what)
+
+
+def _traced(what: str) -> CaptureError:
+    return CaptureError(
+        f"{what} holds traced values: reprokit.pack was called inside jax.jit/vmap/grad or "
+        "a user jax.jit around the model. Call pack outside any transformation with concrete "
+        "arrays; pass mode='jit' to record the layer under jit"
+    )
+
+
+def _unbind(tree: Any, what: str) -> tuple[Any, tuple]:
+    """`pz.unbind_variables(tree)`, refusing traced leaves, in one walk when it holds no variables.
+
+    penzai's version walks the tree with key paths and rebuilds it; for a
+    layer called on 10,000 NamedArrays that was the capture's largest cost,
+    for a tree that (most often) holds no variable at all. Such a tree is
+    returned as it is; any variable or slot in it, and penzai unbinds it.
+    """
+    for leaf in jax.tree_util.tree_leaves(tree, is_leaf=_is_slot):
+        if isinstance(leaf, (pz.AbstractVariable, pz.AbstractVariableSlot)):
+            unbound, variables = pz.unbind_variables(tree)
+            _refuse_tracers(unbound, what)
+            return unbound, variables
+        if isinstance(leaf, jax.core.Tracer):
+            raise _traced(what)
+    return tree, ()
+
+
+def _is_slot(node: Any) -> bool:
+    return isinstance(node, pz.AbstractVariableSlot)
 
 
 def selected_layer(selection: Any) -> tuple[Any, str]:
@@ -251,9 +276,7 @@ def _variables(tree: Any) -> tuple:
     are penzai's to judge, so those trees take its path.
     """
     found: dict[Any, Any] = {}
-    for leaf in jax.tree_util.tree_leaves(
-        tree, is_leaf=lambda x: isinstance(x, pz.AbstractVariableSlot)
-    ):
+    for leaf in jax.tree_util.tree_leaves(tree, is_leaf=_is_slot):
         if isinstance(leaf, pz.AbstractVariableSlot):
             return pz.unbind_variables(tree)[1]
         if isinstance(leaf, pz.AbstractVariable):
