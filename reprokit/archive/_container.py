@@ -472,8 +472,8 @@ class ArchiveWriter:
         else:
             self.abort()
 
-    def add_bytes(self, name: str, data: bytes, *, compress: bool = False) -> None:
-        """Add a member holding `data`, deflated when `compress` is true.
+    def add_bytes(self, name: str, data: bytes, *, compress: bool = False, level: int = 6) -> None:
+        """Add a member holding `data`, deflated (at zlib `level`) when `compress` is true.
 
         Data that does not shrink, or that shrinks so much that a default
         `Limits` would take it for a zip bomb, is stored instead.
@@ -483,7 +483,7 @@ class ArchiveWriter:
         encoded = self._claim(name)
         view = _byte_view(data, writable=False)
         if compress:
-            packer = zlib.compressobj(6, zlib.DEFLATED, -15)
+            packer = zlib.compressobj(level, zlib.DEFLATED, -15)
             packed = packer.compress(view) + packer.flush()
             size = len(view)
             looks_like_bomb = size > _RATIO_FLOOR and size > Limits.max_compression_ratio * len(

@@ -41,6 +41,11 @@ _PROGRESS_BYTES = 256 * 2**20  # smaller archives are written before a bar would
 # Below this, a repeated-element array is stored as it is: a few bytes saved
 # would not be worth a descriptor a reader of the archive must understand.
 _MIN_FILL_BYTES = 64 * 2**10
+# Deflate level of the text members (replay.py, README, bundled code): level 3
+# takes a quarter of zlib's default level 6's time (2.4 ms against 0.6 ms for
+# a small layer's replay.py, 32 against 10 ms for 10,000 NamedArrays') for
+# a member about a tenth larger.
+_TEXT_LEVEL = 3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -475,15 +480,21 @@ def _write(
                 advance(data.nbytes)
         for name, data in extra_members:
             if name.endswith(".py"):
-                writer.add_bytes(name, data, compress=True)
+                writer.add_bytes(name, data, compress=True, level=_TEXT_LEVEL)
             else:
                 writer.add_buffer(name, data)
         writer.add_bytes(
             _format.REPLAY_SCRIPT,
             _script.render_replay_script(manifest, tree).encode(),
             compress=True,
+            level=_TEXT_LEVEL,
         )
-        writer.add_bytes(_format.README, _script.render_readme(manifest).encode(), compress=True)
+        writer.add_bytes(
+            _format.README,
+            _script.render_readme(manifest).encode(),
+            compress=True,
+            level=_TEXT_LEVEL,
+        )
         writer.add_bytes(_format.REQUIREMENTS, _script.render_requirements(manifest, flax=needs_flax).encode())
         if stablehlo is not None:
             writer.add_bytes(_format.STABLEHLO, stablehlo, compress=True)
