@@ -338,7 +338,7 @@ class _PythonWriter:
         if node is None or isinstance(node, (bool, int, str, bytes)):
             return repr(node)
         if isinstance(node, list):
-            return self._sequence("[", "]", self._items(node, level + 1), level)
+            return self._sequence("[", "]", self._items(node, level + 1), level, nodes=node)
         tag = node[TAG]
         if tag == "array":  # most nodes of a big record
             return f"array({node['i']})"
@@ -346,7 +346,7 @@ class _PythonWriter:
             items = self._items(node["v"], level + 1)
             if len(items) == 1:
                 return f"({items[0]},)"
-            return self._sequence("(", ")", items, level)
+            return self._sequence("(", ")", items, level, nodes=node["v"])
         if tag in ("dict", "odict"):
             items = [
                 f"{self._emit(k, level + 1)}: {self._emit(v, level + 1)}" for k, v in node["v"]
@@ -416,8 +416,20 @@ class _PythonWriter:
         return written
 
     def _sequence(
-        self, open_: str, close: str, items: list[str], level: int, head: str | None = None
+        self,
+        open_: str,
+        close: str,
+        items: list[str],
+        level: int,
+        head: str | None = None,
+        nodes: list | None = None,
     ) -> str:
+        """`items` inline if they fit, else one per line with array comments.
+
+        `nodes`: the nodes `items` were written from by `_items`, where only
+        array nodes write as `array(N)`: their comments come by index, with
+        no look at the text (most lines of a big record's script).
+        """
         # The inline form's length, known before it is built: a long sequence
         # (most of a big record) is not joined only to be thrown away.
         width = len(open_) + len(close) + sum(map(len, items)) + 2 * max(len(items) - 1, 0)
@@ -426,8 +438,16 @@ class _PythonWriter:
             if "\n" not in inline:
                 return inline
         inner = _INDENT * (level + 1)
-        comment = self._array_comment
-        body = "".join([f"{inner}{item},{comment(item)}\n" for item in items])
+        if nodes is not None:
+            of = self._index_comment
+            comments = [
+                of(node["i"]) if type(node) is dict and node.get(TAG) == "array" else ""
+                for node in nodes
+            ]
+            body = "".join([f"{inner}{item},{c}\n" for item, c in zip(items, comments, strict=True)])
+        else:
+            comment = self._array_comment
+            body = "".join([f"{inner}{item},{comment(item)}\n" for item in items])
         return f"{(head or open_).rstrip()}\n{body}{_INDENT * level}{close}"
 
     def _items(self, nodes: list, level: int) -> list[str]:
@@ -454,6 +474,9 @@ class _PythonWriter:
             if not match:
                 return ""
             index = int(match.group(1))
+        return self._index_comment(index)
+
+    def _index_comment(self, index: int) -> str:
         comment = self._comments.get(index)
         if comment is None:
             desc = self._arrays[index]
