@@ -72,31 +72,42 @@ def input_descriptions(structure: dict) -> list[str]:
     Linear in the tree: a NamedArray is described whole, and its children are
     never visited (so thousands of NamedArray leaves cost no more than arrays).
     """
-    from reprokit.archive._grammar import children
+    from reprokit.archive._grammar import child_nodes, children
 
     arrays = structure["arrays"]
     lines: list[str] = []
+    more = 0  # arrays past the lines shown: counted, never described, without paths
     for part in ("argument", "side_inputs"):
         if part not in structure["record"]:
             continue
         stack = [(part, structure["record"][part])]
         while stack:
             where, node = stack.pop()
+            shown = len(lines) < _MAX_INPUT_LINES
             if isinstance(node, dict):
                 if node.get(TAG) == "obj" and node.get("type") == _NAMED_ARRAY:
                     text = _named_array_text(node, arrays)
                     if text is not None:
-                        lines.append(f"{where}: {text}")
+                        if shown:
+                            lines.append(f"{where}: {text}")
+                        else:
+                            more += 1
                         continue
                 elif node.get(TAG) == "array":
                     index = node.get("i")
                     if isinstance(index, int) and 0 <= index < len(arrays):
-                        lines.append(f"{where}: {_array_text(arrays[index])}")
+                        if shown:
+                            lines.append(f"{where}: {_array_text(arrays[index])}")
+                        else:
+                            more += 1
                     continue
             # Reversed so that lines come out in the tree's written order.
-            stack.extend(reversed(children(node, where)))
-    if len(lines) > _MAX_INPUT_LINES:
-        lines = lines[:_MAX_INPUT_LINES] + [f"... {len(lines) - _MAX_INPUT_LINES} more arrays"]
+            if shown:
+                stack.extend(reversed(children(node, where)))
+            else:
+                stack.extend((where, child) for child in reversed(child_nodes(node)))
+    if more:
+        lines.append(f"... {more} more arrays")
     return lines or ["(no arrays)"]
 
 
