@@ -757,8 +757,8 @@ def _named_dict_case(count: int) -> Any:
     return Case(f"{count}named", pz.nn.Sequential([pz.nn.Identity()]), argument, {})
 
 
-def _export_alone(record: Any) -> Callable[[], Any]:
-    """pack's StableHLO export of `record` alone, as pack runs it (cyclic GC paused)."""
+def _export_alone(record: Any, repeats: int) -> list[float]:
+    """Times pack's StableHLO export of `record` alone, as pack runs it (cyclic GC paused)."""
     from reprokit.archive._collector import collector_paused
     from reprokit.capture import _write
     from reprokit.record import _stablehlo
@@ -767,7 +767,7 @@ def _export_alone(record: Any) -> Callable[[], Any]:
         with collector_paused():
             return _stablehlo.export_layer(_write._record_parts(record))
 
-    return export
+    return _interleaved({"export": export}, repeats)["export"]
 
 
 def task_perleaf(args: dict) -> dict:
@@ -810,7 +810,6 @@ def task_perleaf(args: dict) -> dict:
         methods.update(
             {
                 f"{name}/pack": do_pack,
-                f"{name}/export": _export_alone(record),
                 f"{name}/npz": lambda a=arrays, p=npz_path: npz_write(p, a),
                 f"{name}/load": lambda p=pack_path: reprokit.load(p),
                 f"{name}/npz_load": lambda p=npz_path: npz_read(p),
@@ -822,6 +821,9 @@ def task_perleaf(args: dict) -> dict:
         name, method = key.split("/")
         rows[name]["times"][method] = values
     for name, _ in cases:
+        # After the interleaved loop, not in it: each export leaves jax's caches
+        # a 10,000-argument function bigger, which slowed the packs timed after it.
+        rows[name]["times"]["export"] = _export_alone(records[name], reps)
         rows[name]["stablehlo_s"] = median(rows[name]["times"]["export"])
         for path in (
             os.path.join(folder, f"perleaf-{name}.repro.zip"),
@@ -852,14 +854,9 @@ def task_perleaf(args: dict) -> dict:
     do_pack()
     forward()
     times = _interleaved(
-        {
-            "pack": do_pack,
-            "forward": forward,
-            "npz": lambda: npz_write(npz, arrays),
-            "export": _export_alone(record),
-        },
-        reps,
+        {"pack": do_pack, "forward": forward, "npz": lambda: npz_write(npz, arrays)}, reps
     )
+    times["export"] = _export_alone(record, reps)
     rows["layers"] = {"layers": layers, "times": times, "stablehlo_s": median(times["export"])}
     for path in (out, npz, out.removesuffix(".repro.zip") + ".issue.md"):
         _remove(path)
