@@ -45,8 +45,8 @@ def _array_text(desc: dict) -> str:
     return f"{desc['dtype']}[{','.join(str(s) for s in desc['shape'])}]"
 
 
-def _named_array_text(node: dict, arrays: list[dict]) -> str | None:
-    """`NamedArray float32(2 | batch:1, seq:5)` as penzai prints it, or None if unusual."""
+def _named_array_parts(node: dict, arrays: list[dict]) -> tuple[dict, dict] | None:
+    """(named_axes node, data descriptor) of a NamedArray node, or None if unusual."""
     fields = dict(node["f"])
     axes, data = fields.get("named_axes"), fields.get("data_array")
     if not (isinstance(axes, dict) and axes.get(TAG) in ("odict", "dict")):
@@ -56,7 +56,15 @@ def _named_array_text(node: dict, arrays: list[dict]) -> str | None:
     index = data.get("i")
     if not isinstance(index, int) or not 0 <= index < len(arrays):
         return None
-    desc = arrays[index]
+    return axes, arrays[index]
+
+
+def _named_array_text(node: dict, arrays: list[dict]) -> str | None:
+    """`NamedArray float32(2 | batch:1, seq:5)` as penzai prints it, or None if unusual."""
+    parts = _named_array_parts(node, arrays)
+    if parts is None:
+        return None
+    axes, desc = parts
     named = [f"{name}:{size}" for name, size in axes["v"]]
     # Named axes are the data array's trailing axes; any before are positional.
     positional = desc["shape"][: max(0, len(desc["shape"]) - len(named))]
@@ -86,12 +94,12 @@ def input_descriptions(structure: dict) -> list[str]:
             shown = len(lines) < _MAX_INPUT_LINES
             if isinstance(node, dict):
                 if node.get(TAG) == "obj" and node.get("type") == _NAMED_ARRAY:
-                    text = _named_array_text(node, arrays)
+                    if not shown and _named_array_parts(node, arrays) is not None:
+                        more += 1
+                        continue
+                    text = _named_array_text(node, arrays) if shown else None
                     if text is not None:
-                        if shown:
-                            lines.append(f"{where}: {text}")
-                        else:
-                            more += 1
+                        lines.append(f"{where}: {text}")
                         continue
                 elif node.get(TAG) == "array":
                     index = node.get("i")

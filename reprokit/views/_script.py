@@ -439,9 +439,15 @@ class _PythonWriter:
                 return inline
         inner = _INDENT * (level + 1)
         if nodes is not None:
+            # What `_array_comment` reads from `array(N)`: a non-negative int N.
             of = self._index_comment
             comments = [
-                of(node["i"]) if type(node) is dict and node.get(TAG) == "array" else ""
+                of(node["i"])
+                if type(node) is dict
+                and node.get(TAG) == "array"
+                and type(node["i"]) is int
+                and node["i"] >= 0
+                else ""
                 for node in nodes
             ]
             body = "".join([f"{inner}{item},{c}\n" for item, c in zip(items, comments, strict=True)])
