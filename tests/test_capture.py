@@ -205,3 +205,19 @@ def test_recorded_environment_and_mode_are_in_the_manifest(tmp_path):
     assert manifest["note"] == "seen at step 1200"
     assert manifest["environment"]["jax_config"]["jax_enable_x64"] is False
     assert manifest["environment"]["packages"]["jax"] == jax.__version__
+
+
+def test_a_dict_argument_keeps_the_callers_order_and_leaves_it_untouched(tmp_path):
+    """An input without variables is recorded as the layer got it, not rebuilt by penzai."""
+    argument = {"zeta": jnp.ones(3), "alpha": jnp.full(3, 2.0), "mid": jnp.zeros(3)}
+    before = list(argument)
+    model = pz.nn.Sequential([pz.nn.Identity()])
+    selection = pz.select(model).at_instances_of(pz.nn.Identity).pick_nth_selected(0)
+    out = tmp_path / "order.repro.zip"
+    reprokit.pack(selection, argument, out=out, quiet=True)
+    assert list(argument) == before
+    loaded = reprokit.load(out)
+    assert list(loaded.record["argument"]) == before
+    code, report = run_json("run", str(out))
+    assert code == 0 and report["reproduced"]
+    assert all(leaf["bitwise_equal"] for leaf in report["output"])

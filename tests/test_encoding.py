@@ -188,3 +188,58 @@ def test_values_that_cannot_be_saved_are_refused_with_their_location():
         encode_tree({"k": Local}, lambda a: 0)
     with pytest.raises(CaptureError, match="lambda"):
         encode_tree([lambda x: x], lambda a: 0)
+
+
+def test_error_paths_name_the_exact_place_deep_in_a_tree():
+    """Paths are built only when an error needs one; they must still be exact."""
+    metadata = model_parts.TransformerMetadata(
+        common_head_axes={"heads": 2},
+        query_only_head_axes={},
+        embedding_dim=8,
+        projection_dim=4,
+        mlp_hidden_dim=16,
+        vocab_size=11,
+        activation_dtype=object(),
+    )
+    with pytest.raises(CaptureError, match=r"^record\['a'\]\[1\]\.activation_dtype holds"):
+        encode_tree({"a": [0, metadata]}, lambda a: 0)
+    with pytest.raises(CaptureError, match=r"^argument\[0\]\['x'\] holds"):
+        encode_tree(({"x": object()},), lambda a: 0, where="argument")
+    traced = []
+
+    @jax.jit
+    def inside(x):
+        try:
+            encode_tree({"w": [x]}, lambda a: 0)
+        except CaptureError as error:
+            traced.append(str(error))
+        return x
+
+    inside(jnp.ones(2))
+    assert traced and traced[0].startswith("record['w'][0] is a traced value")
+
+
+def test_the_encoder_reports_every_name_it_writes():
+    """`names_out` is what `_grammar.named` finds: pack relies on it instead of a walk."""
+    from reprokit.archive._grammar import named
+
+    model = pz.freeze_params(models.llamalike(jnp.float32))
+    value = {
+        "model": model,
+        "enum": layer_stack.LayerStackVarBehavior.PER_LAYER,
+        "partial": functools.partial(jax.nn.gelu, approximate=True),
+        "init": jax.nn.initializers.lecun_normal(),
+        "type": pz.nn.Linear,
+        "relu": jax.nn.relu,
+    }
+    names: set[str] = set()
+    encoded = encode_tree(value, lambda a: 0, names_out=names)
+    assert names == set(named(encoded))
+    assert {"jax.nn:gelu", "penzai.nn.linear_and_affine:Linear"} <= names
+
+
+def test_the_decoder_refuses_fields_that_differ_from_the_class():
+    node = encode_tree(pz.nn.Elementwise(jax.nn.relu), lambda a: 0)
+    for fields in ([], [["fn", node["f"][0][1]], ["extra", 1]], [["other", 1]], "fn"):
+        with pytest.raises(Exception, match="do not match the class"):
+            decode_tree({**node, "f": fields}, AllowList(), lambda i: None)

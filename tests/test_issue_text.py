@@ -151,3 +151,26 @@ def test_issue_on_a_non_archive_is_one_line_exit_3(tmp_path):
     assert result.exit_code == 3
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("reprokit: error:")
+
+
+def test_inputs_past_twelve_lines_are_counted_not_described():
+    """The snippet lists twelve inputs and counts the rest, NamedArrays and arrays alike."""
+    from reprokit.portable._arrays import describe
+    from reprokit.record._encoding import encode_tree
+    from reprokit.views._issue import input_descriptions
+
+    argument = {f"n{i:02d}": pz.nx.wrap(jnp.ones((2, 3)), "a", "b") for i in range(15)}
+    argument["plain"] = [jnp.zeros(4), jnp.zeros(5)]
+    arrays: list[dict] = []
+
+    def on_array(value):
+        arrays.append(describe(value)[0])
+        return len(arrays) - 1
+
+    structure = {
+        "record": {"argument": encode_tree(argument, on_array, where="argument")},
+        "arrays": arrays,
+    }
+    lines = input_descriptions(structure)
+    assert lines[0] == "argument['n00']: NamedArray float32(| a:2, b:3)"
+    assert len(lines) == 13 and lines[-1] == "... 5 more arrays"
