@@ -5,8 +5,9 @@ non-plain node is a small map tagged by `"$t"`. Four parts of reprokit read
 that tree without rebuilding it: `verify` (every key checked, nothing
 imported), `inspect` (paths to arrays), the issue snippet (its inputs) and
 bundling (which names a bundle must provide); the encoder writes it (and
-reports the names it wrote, which `named` would find) and the decoder reads it. If each of them spelled the grammar itself, an
-archive could say one thing to `verify` and another to the loader. So the
+reports the names it wrote, which `named` would find) and the decoder reads
+it. If each of them spelled the grammar itself, an archive could say one
+thing to `verify` and another to the loader. So the
 node kinds, their exact keys, how to reach a node's children and which
 class or function a node names all live here, and everything else asks.
 
