@@ -13,6 +13,7 @@ import collections
 import json
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -264,3 +265,44 @@ def test_readme_architecture_lists_every_module():
             assert f"{relative.parts[0]}/" in block, relative
         if path.name != "__init__.py" or len(relative.parts) == 1:
             assert f" {path.name} " in block, f"README's Architecture does not list {relative}"
+
+
+def test_every_import_statement_is_found_wherever_it_is_nested():
+    """`_statements` (which finds the imports replay.py drops) misses no nesting."""
+    from reprokit.views._script import _statements
+
+    source = textwrap.dedent(
+        """
+        import a
+        def f():
+            import b
+            class C:
+                from c import x
+            for _ in ():
+                pass
+            else:
+                import d
+        try:
+            import e
+        except ImportError:
+            import f
+        else:
+            import g
+        finally:
+            import h
+        with open("x") as handle:
+            if True:
+                import i
+            elif False:
+                import j
+        while False:
+            import k
+        match 1:
+            case 1:
+                import l
+        """
+    )
+    tree = ast.parse(source)
+    found = {node.lineno for node in _statements(tree) if isinstance(node, (ast.Import, ast.ImportFrom))}
+    every = {node.lineno for node in ast.walk(tree) if isinstance(node, (ast.Import, ast.ImportFrom))}
+    assert found == every and len(every) == 12

@@ -18,7 +18,7 @@ import hashlib
 import math
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -108,7 +108,7 @@ def _embedded_source(relative: str) -> str:
     """
     text = (Path(__file__).resolve().parents[1] / relative).read_text()
     dropped: set[int] = set()
-    for node in ast.walk(ast.parse(text)):
+    for node in _statements(ast.parse(text)):
         if isinstance(node, ast.ImportFrom) and (
             node.module == "__future__" or (node.module or "").split(".")[0] == "reprokit"
         ):
@@ -119,6 +119,23 @@ def _embedded_source(relative: str) -> str:
             dropped.update(range(node.lineno, node.end_lineno + 1))
     lines = [line for number, line in enumerate(text.splitlines(), 1) if number not in dropped]
     return f"# ---- embedded from reprokit/{relative} ----\n" + "\n".join(lines).strip() + "\n"
+
+
+def _statements(tree: ast.Module) -> Iterator[ast.stmt]:
+    """Every statement of a module, nested ones included, and none of its expressions.
+
+    An import is always a statement: walking only statement lists finds every
+    one of them without visiting the expressions (most of a module's nodes).
+    """
+    stack: list[Any] = list(tree.body)
+    while stack:
+        node = stack.pop()
+        yield node
+        for field in ("body", "orelse", "finalbody"):
+            stack.extend(getattr(node, field, None) or ())
+        for field in ("handlers", "cases"):  # except clauses, match cases
+            for holder in getattr(node, field, None) or ():
+                stack.extend(holder.body)
 
 
 def embedded_sources() -> list[str]:
