@@ -126,16 +126,21 @@ def test_static_values_round_trip():
     assert rebuilt["builtin_type"] is int
 
 
-def test_dataclasses_and_shapecheck_objects_round_trip():
-    metadata = model_parts.TransformerMetadata(
+def _metadata(activation_dtype=jnp.float32):
+    """A transformer's metadata: a plain (non-penzai) dataclass that real models hold."""
+    return model_parts.TransformerMetadata(
         common_head_axes={"heads": 2},
         query_only_head_axes={},
         embedding_dim=8,
         projection_dim=4,
         mlp_hidden_dim=16,
         vocab_size=11,
-        activation_dtype=jnp.float32,
+        activation_dtype=activation_dtype,
     )
+
+
+def test_dataclasses_and_shapecheck_objects_round_trip():
+    metadata = _metadata()
     spec = pz.chk.ArraySpec(
         named_shape={"a": pz.chk.var("A"), **pz.chk.var("B*")}, dtype=jnp.floating
     )
@@ -192,15 +197,7 @@ def test_values_that_cannot_be_saved_are_refused_with_their_location():
 
 def test_error_paths_name_the_exact_place_deep_in_a_tree():
     """Paths are built only when an error needs one; they must still be exact."""
-    metadata = model_parts.TransformerMetadata(
-        common_head_axes={"heads": 2},
-        query_only_head_axes={},
-        embedding_dim=8,
-        projection_dim=4,
-        mlp_hidden_dim=16,
-        vocab_size=11,
-        activation_dtype=object(),
-    )
+    metadata = _metadata(activation_dtype=object())
     with pytest.raises(CaptureError, match=r"^record\['a'\]\[1\]\.activation_dtype holds"):
         encode_tree({"a": [0, metadata]}, lambda a: 0)
     with pytest.raises(CaptureError, match=r"^argument\[0\]\['x'\] holds"):

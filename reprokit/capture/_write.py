@@ -33,7 +33,7 @@ from reprokit.environment._scrub import scrub_text
 from reprokit.environment._snapshot import capture_environment
 from reprokit.portable._arrays import describe, repeated_element
 from reprokit.portable._verdict import detect_signature
-from reprokit.record import _encoding
+from reprokit.record import _encoding, _names
 from reprokit.views import _script
 from reprokit.views._issue import GITHUB_ATTACHMENT_LIMIT, write_issue_snippet
 
@@ -395,11 +395,7 @@ def _encode_record(
 
 def _needed_modules(names: set[str]) -> set[str]:
     """The user modules among the class and function names a record names, beside the allow-list's."""
-    return {
-        name.split(":")[0]
-        for name in names
-        if ":" in name and not _allowlist.default_modules(name)
-    }
+    return set(_names.outside_defaults(names))
 
 
 def _reporter_modules(needed: set[str], allow: tuple[str, ...]) -> tuple[str, ...]:
@@ -495,7 +491,9 @@ def _write(
             compress=True,
             level=_TEXT_LEVEL,
         )
-        writer.add_bytes(_format.REQUIREMENTS, _script.render_requirements(manifest, flax=needs_flax).encode())
+        writer.add_bytes(
+            _format.REQUIREMENTS, _script.render_requirements(manifest, flax=needs_flax).encode()
+        )
         if stablehlo is not None:
             writer.add_bytes(_format.STABLEHLO, stablehlo, compress=True)
         if check_with is None:

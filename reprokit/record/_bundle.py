@@ -93,20 +93,20 @@ def prepare(parts: dict, allow_modules: tuple[str, ...]) -> Bundle:
     Raises:
       CaptureError: a needed class or helper cannot be bundled; the message says why.
     """
-    from reprokit.record import _encoding
+    from reprokit.record import _encoding, _names
 
     aliases = main_aliases()
-    encoded = [
+    names: set[str] = set()
+    for name, value in parts.items():
         _encoding.encode_tree(
             value,
             lambda array: 0,
             where=name,
             extra_modules=tuple(allow_modules),
             module_aliases=aliases,
+            names_out=names,
         )
-        for name, value in parts.items()
-    ]
-    referenced = referenced_names(encoded)
+    referenced = _names.outside_defaults(names)
     originals = {alias: original for original, alias in aliases.items()}
     files: list[tuple[str, bytes]] = []
     entries: list[dict] = []
@@ -157,19 +157,6 @@ def prepare(parts: dict, allow_modules: tuple[str, ...]) -> Bundle:
         aliases=aliases,
         section=section,
     )
-
-
-def referenced_names(encoded: Any) -> dict[str, set[str]]:
-    """module -> qualnames of the classes and functions an encoded tree names outside reprokit's defaults."""
-    from reprokit.archive._allowlist import default_modules
-    from reprokit.archive._grammar import named
-
-    found: dict[str, set[str]] = {}
-    for name in named(encoded):
-        if ":" in name and not default_modules(name):
-            module, qualname = name.split(":", 1)
-            found.setdefault(module, set()).add(qualname)
-    return found
 
 
 def _not_bundled_reason(module_name: str, file: str | None) -> str | None:

@@ -27,6 +27,7 @@ from reprokit.archive._allowlist import (
     DENIED_CALLABLES,
     FLAX_CALLABLES,
     AllowList,
+    default_modules,
     refusal,
 )
 
@@ -169,6 +170,20 @@ def name_of_callable(
             "define it at module level under its own name"
         )
     return f"{(aliases or {}).get(module, module)}:{qualname}"
+
+
+def outside_defaults(names: Iterable[str]) -> dict[str, set[str]]:
+    """module -> qualnames, for the `module:qualname` names outside reprokit's default modules.
+
+    What a record needs beyond the allow-list: the manifest's `modules` (the
+    keys) and the sources a bundle must provide (`--bundle-code`).
+    """
+    found: dict[str, set[str]] = {}
+    for name in names:
+        if ":" in name and not default_modules(name):
+            module, qualname = name.split(":", 1)
+            found.setdefault(module, set()).add(qualname)
+    return found
 
 
 def _get_path(obj, qualname: str):

@@ -341,10 +341,7 @@ class _PythonWriter:
             if tag == "array":
                 return f"array({node['i']})"
             if tag == "obj":
-                cls = self._name(node["type"])
-                emit, inner = self._emit, level + 1
-                fields = [f"{name}={emit(value, inner)}" for name, value in node["f"]]
-                return self._sequence(f"build({cls}, ", ")", fields, level, head=f"build({cls},")
+                return self._obj(node, level)
         elif kind is str or kind is int:
             return repr(node)
         return self._emit_any(node, level)
@@ -380,9 +377,7 @@ class _PythonWriter:
         if tag == "scalar":
             return f"np.frombuffer({node['v']!r}, dtype=dtype_from_name({node['dtype']!r}))[0]"
         if tag == "obj":
-            cls = self._name(node["type"])
-            fields = [f"{name}={self._emit(value, level + 1)}" for name, value in node["f"]]
-            return self._sequence(f"build({cls}, ", ")", fields, level, head=f"build({cls},")
+            return self._obj(node, level)
         if tag == "enum":
             return f"{self._name(node['type'])}[{node['name']!r}]"
         if tag in ("fn", "type"):
@@ -421,6 +416,12 @@ class _PythonWriter:
             args = [f"{k}={self._emit(v, level + 1)}" for k, v in node["kw"]]
             return self._sequence(f"{factory}(", ")", args, level)
         raise ValueError(f"cannot write node kind {tag!r} as Python")
+
+    def _obj(self, node: dict, level: int) -> str:
+        cls = self._name(node["type"])
+        emit, inner = self._emit, level + 1
+        fields = [f"{name}={emit(value, inner)}" for name, value in node["f"]]
+        return self._sequence(f"build({cls}, ", ")", fields, level, head=f"build({cls},")
 
     def _name(self, name: str) -> str:
         written = self._names.get(name)
